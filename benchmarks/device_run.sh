@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: install, run the GPU tests, print what the compiler emitted, benchmark.
+# Usage (from the repository root, on the device): bash benchmarks/device_run.sh [bench shapes...]
+# Needs the wheels of packages the device lacks in .whl/ (sageattention, diffusers), carried with the call.
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "install failed"; exit 1; }
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+if [ -z "${SKIP_TESTS:-}" ]; then
+  python3 -m pytest -q -x tests/test_attention.py tests/test_kernels.py ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+fi
+python3 -c "import json, sagevideo.bench as b; print(json.dumps(b.kernel_report(), indent=1))" 2>&1 | tee "$OUT/kernel_report.json"
+if [ -n "${SWEEP:-}" ]; then
+  python3 -c "import json, sagevideo.bench as b; json.dump(b.sweep(), open('$OUT/sweep.json', 'w'), indent=1)" 2>&1 | tee "$OUT/sweep.log"
+fi
+python3 benchmarks/attention.py --json "$OUT/attention.json" ${BENCH_ARGS:-} "$@" 2>&1 | tee "$OUT/attention.log" | grep -v "^  "

@@ -1,0 +1,1 @@
+"""Triton kernels of sagevideo (installed as sagevideo.kernels)."""

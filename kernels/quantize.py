@@ -1,0 +1,160 @@
+"""Triton quantization pass for sagevideo's quantized attention.
+
+Computes exactly the layout documented in ``sagevideo/reference.py`` (``quantize_qkv`` is its torch
+reference): per-token INT8 Q and K (K smoothed by its mean over valid tokens, ``scale·log2(e)`` folded into
+the Q scales), and V either in FP8 e4m3 with per-channel scales stored transposed ``(B, H, Dp, S)`` or left in
+16 bits. Inputs are read through their strides, so non-contiguous views and storage offsets need no copy;
+the inputs are never written.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from sagevideo.reference import (
+    AMAX_EPS,
+    FP8_MAX,
+    LOG2E,
+    QuantizedQKV,
+    default_scale,
+    kv_stats,
+    pv_dtype_for,
+)
+
+
+_EPS = tl.constexpr(AMAX_EPS)
+
+
+@triton.jit
+def _quant_int8_rows(
+    X, MEAN, OUT, SCALE, KM, LSE_OFF,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    H, S, D, group, mult, lse_mult,
+    HAS_MEAN: tl.constexpr, HAS_KM: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program quantizes BLOCK_S tokens of one (batch, head) to INT8 with a scale per token.
+
+    ``OUT`` is contiguous ``(B, H, S, BLOCK_D)`` (channels past D are written as zeros). With ``HAS_KM`` the
+    program also writes ``lse_mult · x·km`` per token (the LSE correction of K smoothing) from the fp32 row.
+    """
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_s < S
+    col_ok = offs_d < D
+    ptrs = X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_KM:
+        km = tl.load(KM + (b * (H // group) + h // group) * D + offs_d, mask=col_ok, other=0.0)
+        tl.store(LSE_OFF + bh * S + offs_s, tl.sum(x * km[None, :], axis=1) * lse_mult, mask=row_ok)
+    if HAS_MEAN:
+        mean = tl.load(MEAN + bh * D + offs_d, mask=col_ok, other=0.0)
+        x = tl.where(col_ok[None, :], x - mean[None, :], 0.0)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=1), _EPS)
+    xs = x * tl.math.div_rn(tl.full([BLOCK_S], 127.0, tl.float32), amax)[:, None]
+    xq = tl.where(xs >= 0, xs + 0.5, xs - 0.5)  # the cast truncates: round half away from zero
+    xq = tl.minimum(tl.maximum(xq, -127.0), 127.0).to(tl.int8)
+    out_ptrs = OUT + (bh * S + offs_s[:, None]) * BLOCK_D + offs_d[None, :]
+    tl.store(out_ptrs, xq, mask=row_ok[:, None])
+    tl.store(SCALE + bh * S + offs_s, amax * (mult / 127.0), mask=row_ok)
+
+
+@triton.jit
+def _quant_v_fp8_t(
+    X, MEAN, INV, OUT,
+    stride_xb, stride_xh, stride_xs, stride_xd,
+    H, S, S_PAD, D,
+    HAS_MEAN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """V → FP8 e4m3 with per-channel scales, written transposed into ``(B, H, BLOCK_D, S_PAD)``."""
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_s < S
+    col_ok = offs_d < D
+    ptrs = X + b * stride_xb + h * stride_xh + offs_s[:, None] * stride_xs + offs_d[None, :] * stride_xd
+    x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x = x - tl.load(MEAN + bh * D + offs_d, mask=col_ok, other=0.0)[None, :]
+    inv = tl.load(INV + bh * D + offs_d, mask=col_ok, other=0.0)
+    x = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
+    out_ptrs = OUT + (bh * BLOCK_D + offs_d[None, :]) * S_PAD + offs_s[:, None]
+    tl.store(out_ptrs, x.to(tl.float8e4nv), mask=row_ok[:, None])
+
+
+def padded_head_dim(d: int) -> int:
+    """Head dim the kernels work at: the next power of two, at least 16 (tensor-core K granularity)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _rows_block(dp: int) -> int:
+    return max(16, 8192 // dp)
+
+
+def quantize_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    precision: str = "int8-fp8",
+    key_padding_mask: torch.Tensor | None = None,
+    smooth_v: bool = False,
+    need_lse: bool = False,
+) -> QuantizedQKV:
+    """Quantization pass on the GPU (BHSD views, any strides). Same layout as the torch reference.
+
+    ``need_lse=False`` skips the LSE correction term (it is only needed when the caller asks for LSE).
+    """
+    b, hq, sq, d = q.shape
+    hk, skv = k.shape[1], k.shape[2]
+    dp = padded_head_dim(d)
+    scale = default_scale(d) if scale is None else scale
+    fp8 = precision == "int8-fp8"
+    k_mean, v_mean, v_amax = kv_stats(k, v, key_padding_mask, smooth_v=smooth_v, need_v_amax=fp8)
+    k_mean = k_mean.contiguous()
+    dev = q.device
+    bs = _rows_block(dp)
+
+    q8 = torch.empty((b, hq, sq, dp), dtype=torch.int8, device=dev)
+    qs = torch.empty((b, hq, sq), dtype=torch.float32, device=dev)
+    lse_off = torch.empty((b, hq, sq), dtype=torch.float32, device=dev) if need_lse else qs
+    _quant_int8_rows[(triton.cdiv(sq, bs), b * hq)](
+        q, k_mean, q8, qs, k_mean, lse_off, *q.stride(), hq, sq, d, hq // hk, scale * LOG2E, scale,
+        HAS_MEAN=False, HAS_KM=need_lse, BLOCK_S=bs, BLOCK_D=dp,
+    )
+    k8 = torch.empty((b, hk, skv, dp), dtype=torch.int8, device=dev)
+    ks = torch.empty((b, hk, skv), dtype=torch.float32, device=dev)
+    _quant_int8_rows[(triton.cdiv(skv, bs), b * hk)](
+        k, k_mean, k8, ks, k_mean, ks, *k.stride(), hk, skv, d, 1, 1.0, 1.0,
+        HAS_MEAN=True, HAS_KM=False, BLOCK_S=bs, BLOCK_D=dp,
+    )
+    vm = None if v_mean is None else torch.nn.functional.pad(v_mean, (0, dp - d)).contiguous()
+    if fp8:
+        amax = v_amax.clamp_min(AMAX_EPS)
+        inv = (FP8_MAX / amax).contiguous()
+        s_pad = triton.cdiv(skv, 16) * 16  # 16-byte aligned rows of Vᵀ
+        v8 = torch.empty((b, hk, dp, s_pad), dtype=torch.float8_e4m3fn, device=dev)
+        # Channels past D are written as zeros; columns past S_kv are never read (the kernel masks them).
+        _quant_v_fp8_t[(triton.cdiv(skv, bs), b * hk)](
+            v, v_mean if v_mean is not None else inv, inv, v8, *v.stride(), hk, skv, s_pad, d,
+            HAS_MEAN=v_mean is not None, BLOCK_S=bs, BLOCK_D=dp,
+        )
+        v_scale = torch.nn.functional.pad(amax / FP8_MAX, (0, dp - d)).contiguous()
+    else:
+        pv_dtype = pv_dtype_for(v.dtype)
+        if v_mean is not None:
+            vq = (v.float() - v_mean[:, :, None, :]).to(pv_dtype)
+        else:
+            vq = v if v.dtype == pv_dtype else v.to(pv_dtype)  # no copy for FP16/BF16 inputs
+        v8, v_scale = vq, None
+    return QuantizedQKV(q8, qs, k8, ks, v8, v_scale, vm, lse_off if need_lse else None, precision, d)

@@ -1,0 +1,72 @@
+"""Inputs with the structure real video DiTs feed attention, and the error metrics the project reports.
+
+Used by the tests and by ``benchmarks/``: plain Gaussians hide exactly the failure modes quantized attention
+has (K with large per-channel offsets, a few outlier channels in Q and K, V with a bias), so every accuracy
+check draws from :func:`structured_qkv`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def structured_qkv(
+    batch: int,
+    q_heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    layout: str = "BHSD",
+    k_offset_std: float = 4.0,
+    outlier_channels: int = 2,
+    outlier_gain: float = 8.0,
+    v_bias_std: float = 1.0,
+):
+    """Q, K, V with realistic structure, returned in ``layout`` (contiguous).
+
+    * K = Gaussian + a per-(head, channel) offset of std ``k_offset_std`` shared by all tokens (what K
+      smoothing removes);
+    * a few channels of Q and K scaled by ``outlier_gain`` (outliers that per-tensor scales fail on);
+    * V = Gaussian + a per-(head, channel) bias of std ``v_bias_std``;
+    * Q is correlated with K (Q = 0.5·K-direction + noise) so attention is peaked, not uniform.
+    """
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g)
+
+    k = randn(batch, kv_heads, kv_len, head_dim) + k_offset_std * randn(1, kv_heads, 1, head_dim)
+    q = randn(batch, q_heads, q_len, head_dim)
+    # correlate queries with keys of the same head so some scores stand out
+    group = q_heads // kv_heads
+    src = k.repeat_interleave(group, dim=1)
+    idx = torch.randint(0, kv_len, (q_len,), generator=g)
+    q = q + 0.5 * (src[:, :, idx] - src.mean(dim=2, keepdim=True))
+    ch = torch.randperm(head_dim, generator=g)[:outlier_channels]
+    q[..., ch] *= outlier_gain
+    k[..., ch] *= outlier_gain
+    v = randn(batch, kv_heads, kv_len, head_dim) + v_bias_std * randn(1, kv_heads, 1, head_dim)
+    out = []
+    for t in (q, k, v):
+        t = t.to(dtype)
+        if layout == "BSHD":
+            t = t.transpose(1, 2)
+        out.append(t.contiguous().to(device))
+    return tuple(out)
+
+
+def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity, relative L1 (Σ|o−r| / Σ|r|) and relative L2 of ``out`` against ``ref`` (float64)."""
+    o = out.detach().to(torch.float64).flatten()
+    r = ref.detach().to(torch.float64).flatten()
+    if not torch.isfinite(o).all():
+        return {"cos": float("nan"), "rel_l1": float("inf"), "rel_l2": float("inf")}
+    cos = torch.nn.functional.cosine_similarity(o, r, dim=0).item()
+    rel_l1 = ((o - r).abs().sum() / r.abs().sum().clamp_min(1e-300)).item()
+    rel_l2 = ((o - r).norm() / r.norm().clamp_min(1e-300)).item()
+    return {"cos": cos, "rel_l1": rel_l1, "rel_l2": rel_l2}
