@@ -1,0 +1,1 @@
+"""One small module per model family: how it lays out tokens (installed as sagevideo.pipelines)."""
