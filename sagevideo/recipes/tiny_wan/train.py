@@ -1,0 +1,701 @@
+"""Train the tiny Wan text-to-video model from scratch, within a wall-clock budget, resumably.
+
+::
+
+    python -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 \\
+        --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4 --device cuda
+
+Stages (each stops itself when its budget is spent, and ends with a learning-rate cool-down):
+
+1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips (L1 + L2 + image-gradient
+   L1 + a small KL), through the VAE's own causal chunked encode/decode, so what is trained is exactly
+   what the pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as
+   the pipeline expects) and reconstruction PSNR on held-out clips at the default size.
+2. **Text encoder + transformer** jointly, rectified-flow velocity loss, 10% caption dropout (so
+   classifier-free guidance has an unconditional branch, the empty prompt the pipeline uses by default).
+   Batches alternate between 33x256x256 (default size, 80%) and 17x128x128 (20%; the size the CPU tests
+   use). Each batch of VAE latents serves 1-6 steps with fresh noise (picked after calibration from the
+   measured cost of render + encode against a transformer step, or fixed with ``--latent-reuse``),
+   because encoding 33x256x256 clips costs about as much as a transformer step. The conditioning is the
+   pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
+   (:func:`model.encode_prompts_compact`), so short clips do not pay for 500 padding positions.
+
+Finally the held-out prompts are generated and checked (colour, direction; :mod:`.evaluate`).
+
+Budgets and determinism. After a few calibration steps each stage plans its step count from its measured
+speed, re-plans until its learning-rate cool-down starts, and counts as finished when its budget runs out
+(``stopped_by_budget``), so one call always runs both stages. The plan and the latent-reuse choice are
+recorded in ``state.json``; ``--vae-steps``/``--dit-steps``/``--latent-reuse`` fix them instead. Given the
+seed and those choices, the data stream (scene descriptions and captions, crops, caption dropout, bucket
+choice, noise and noise levels - all derived from ``(seed, stream, step)``), the initialisation and the
+tokenizer are deterministic, on CPU bit for bit (checked); on the GPU the floating-point reductions of
+cuDNN and the attention kernels are not bitwise reproducible.
+
+Output folder (``--out``; at most 8 files, each < 16 MB, so it fits the GPU machine's return limits):
+
+* ``transformer.safetensors``      transformer weights, fp16
+* ``vae_text_encoder.safetensors`` VAE (``vae.``) and text encoder (``text_encoder.``) weights, fp16
+* ``optim_m.safetensors``, ``optim_v.safetensors``  AdamW moments of the stage in progress, bf16
+* ``tokenizer.json``               the trained tokenizer
+* ``state.json``                   progress, step counts, schedules, loss curves, metrics, environment
+* ``train_log.txt``                the progress log; ``loss_curve.tsv`` the loss curve
+
+Resume with ``--resume DIR`` (a previous ``--out``; may equal ``--out``): weights, moments, step counters
+and the tokenizer are restored and each unfinished stage continues its schedule with the new budget.
+``python -m sagevideo.recipes.tiny_wan.assemble`` turns a finished folder into ``assets/tiny-wan``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sagevideo.recipes.tiny_wan import data as D
+from sagevideo.recipes.tiny_wan import evaluate as E
+from sagevideo.recipes.tiny_wan import model as M
+
+# ----------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------
+
+PRESETS: dict[str, dict] = {
+    # the real recipe (H100): ~1.5-2k VAE steps, ~2.5-4k transformer steps in ~8 minutes
+    "full": dict(
+        vae_batch=32, vae_frames=9, vae_render=256, vae_crop=128, vae_lr=8e-4, vae_warmup=100,
+        dit_buckets=[dict(frames=33, height=256, width=256, batch=32, weight=0.8),
+                     dict(frames=17, height=128, width=128, batch=64, weight=0.2)],
+        dit_lr=5e-4, dit_warmup=200, latent_reuse=2, caption_dropout=0.1,
+        calib_vae=(10, 40), calib_dit=(10, 50),
+        stats_clips=64, psnr_clips=32, psnr_size=(33, 256, 256), eval_batch=8,
+        eval_sizes=[(17, 128, 128), (33, 256, 256)], eval_steps=20, eval_guidance=5.0,
+        ckpt_every_s=60.0, log_every=25, curve_every=10,
+    ),
+    # learnability check on a CPU in ~25 minutes: same models, 9x64x64 clips (48 video tokens)
+    "cpu-check": dict(
+        vae_batch=4, vae_frames=9, vae_render=128, vae_crop=64, vae_lr=6e-4, vae_warmup=20,
+        dit_buckets=[dict(frames=9, height=64, width=64, batch=16, weight=1.0)],
+        dit_lr=5e-4, dit_warmup=50, latent_reuse=2, caption_dropout=0.1,
+        calib_vae=(5, 25), calib_dit=(5, 45),
+        stats_clips=32, psnr_clips=16, psnr_size=(9, 64, 64), eval_batch=8,
+        eval_sizes=[(9, 64, 64)], eval_steps=20, eval_guidance=5.0,
+        ckpt_every_s=120.0, log_every=50, curve_every=5,
+    ),
+    # CPU smoke test of the whole flow (tiny clips, same models)
+    "smoke": dict(
+        vae_batch=2, vae_frames=5, vae_render=64, vae_crop=32, vae_lr=6e-4, vae_warmup=2,
+        dit_buckets=[dict(frames=9, height=64, width=64, batch=2, weight=0.5),
+                     dict(frames=5, height=32, width=32, batch=2, weight=0.5)],
+        dit_lr=5e-4, dit_warmup=2, latent_reuse=2, caption_dropout=0.1,
+        calib_vae=(2, 5), calib_dit=(2, 6),
+        stats_clips=4, psnr_clips=4, psnr_size=(9, 64, 64), eval_batch=2,
+        eval_sizes=[(9, 64, 64)], eval_steps=4, eval_guidance=5.0,
+        ckpt_every_s=30.0, log_every=2, curve_every=1,
+    ),
+}
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (Linux ``/proc``), so ``--total-minutes`` also covers the
+    interpreter start and the imports; falls back to now."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except Exception:  # noqa: BLE001
+        return time.time()
+
+
+MAX_LATENT_REUSE = 6
+COOLDOWN_FRACTION = 0.2  # final share of each stage's steps over which the LR decays linearly
+FINAL_LR_FACTOR = 0.02
+BUDGET_SAFETY = 0.93  # planned steps = safety * remaining time / measured step time
+FINAL_RESERVE_S = {"full": 35.0, "cpu-check": 60.0, "smoke": 5.0}  # time kept after the transformer stage for eval + save
+
+FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.safetensors",
+         "optim_v.safetensors", "tokenizer.json", "state.json", "train_log.txt", "loss_curve.tsv")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------------
+
+
+class Logger:
+    def __init__(self, path: Path, previous: Path | None = None):
+        self.path = path
+        if previous is not None and previous.exists() and previous.resolve() != path.resolve():
+            shutil.copyfile(previous, path)
+        self.f = open(path, "a", buffering=1)
+
+    def __call__(self, msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        self.f.write(line + "\n")
+
+
+def lr_at(step: int, st: dict, peak: float, warmup: int) -> float:
+    """Warmup-stable-decay: linear warmup, constant, then a linear cool-down from ``st["cooldown_start"]``
+    to ``st["total_steps"]``. Before the cool-down the LR does not depend on the schedule length, so
+    fixing the length late (from measured speed) changes nothing that already happened."""
+    lr = peak * min(1.0, (step + 1) / max(1, warmup))
+    start, total = st.get("cooldown_start"), st.get("total_steps")
+    if start is not None and total is not None and step >= start:
+        frac = (step - start) / max(1, total - start)
+        lr = peak * (1.0 - (1.0 - FINAL_LR_FACTOR) * min(1.0, frac))
+    return lr
+
+
+def plan_schedule(st: dict, step: int, remaining_steps: int) -> None:
+    """Set total_steps / cooldown_start for ``remaining_steps`` more steps (cool-down = the last
+    COOLDOWN_FRACTION of the whole stage, or everything that is left if that is less)."""
+    total = step + max(1, remaining_steps)
+    st["total_steps"] = total
+    st["cooldown_start"] = max(step, total - max(1, int(round(COOLDOWN_FRACTION * total))))
+
+
+def named_params(modules: dict[str, torch.nn.Module]) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters with a module prefix; tied parameters appear once (named_parameters deduplicates)."""
+    out = []
+    for prefix, m in modules.items():
+        out.extend((f"{prefix}.{n}", p) for n, p in m.named_parameters())
+    return out
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name("." + path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
+              metadata=dict(sorted((k, str(v)) for k, v in (metadata or {}).items())) or None)
+    os.replace(tmp, path)
+
+
+def load_into(modules: dict[str, torch.nn.Module], tensors: dict[str, torch.Tensor]) -> None:
+    for name, p in named_params(modules):
+        if name not in tensors:
+            raise KeyError(f"checkpoint lacks {name}")
+        with torch.no_grad():
+            p.copy_(tensors[name].to(p.dtype))
+
+
+def make_adamw(params: list[torch.nn.Parameter], lr: float, device: torch.device, weight_decay: float):
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
+
+
+def optimizer_moments(opt, named: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict, dict]:
+    m, v = {}, {}
+    for name, p in named:
+        st = opt.state.get(p)
+        if st:
+            m[name] = st["exp_avg"].to(torch.bfloat16)
+            v[name] = st["exp_avg_sq"].to(torch.bfloat16)
+    return m, v
+
+
+def restore_moments(opt, named, m: dict, v: dict, step: int) -> int:
+    fused = any(g.get("fused") for g in opt.param_groups)
+    restored = 0
+    for name, p in named:
+        if name in m and name in v:
+            step_t = (torch.tensor(float(step), dtype=torch.float32, device=p.device) if fused
+                      else torch.tensor(float(step), dtype=torch.float32))
+            opt.state[p] = {"step": step_t, "exp_avg": m[name].to(p.device, torch.float32),
+                            "exp_avg_sq": v[name].to(p.device, torch.float32)}
+            restored += 1
+    return restored
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+           "transformers": transformers.__version__, "device": str(device), "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------------
+# Trainer
+# ----------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.t_start = time.time()
+        self.cfg = dict(PRESETS[args.preset])
+        if args.latent_reuse is not None:
+            self.cfg["latent_reuse"] = args.latent_reuse
+        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.amp = self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.resume = Path(args.resume) if args.resume else None
+        self.log = Logger(self.out / "train_log.txt", self.resume / "train_log.txt" if self.resume else None)
+        self.deadline_total = (process_start_time() + args.total_minutes * 60.0) if args.total_minutes else None
+
+        # state
+        if self.resume is not None:
+            self.state = json.loads((self.resume / "state.json").read_text())
+            if self.state["seed"] != args.seed:
+                raise SystemExit(f"--seed {args.seed} differs from the checkpoint's seed {self.state['seed']}")
+            if self.state["preset"] != args.preset:
+                raise SystemExit(f"--preset {args.preset} differs from the checkpoint's {self.state['preset']}")
+            self.state.setdefault("calls", [])
+        else:
+            self.state = {
+                "format": 1, "seed": args.seed, "preset": args.preset,
+                "configs": {"vae": M.VAE_CONFIG, "transformer": M.TRANSFORMER_CONFIG,
+                            "text_encoder": M.TEXT_ENCODER_CONFIG, "scheduler": M.SCHEDULER_CONFIG,
+                            "preset": self.cfg},
+                "vae": {"step": 0, "total_steps": None, "done": False, "seconds": 0.0},
+                "dit": {"step": 0, "total_steps": None, "done": False, "seconds": 0.0},
+                "optim_stage": None, "calls": [],
+            }
+        self.state["calls"].append({"argv": sys.argv[1:], "environment": environment(self.device),
+                                    "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.curve_rows: list[str] = []
+        prev_curve = self.resume / "loss_curve.tsv" if self.resume else None
+        if prev_curve is not None and prev_curve.exists():
+            self.curve_rows = prev_curve.read_text().splitlines()[1:]
+
+        # tokenizer (rebuilt only on a fresh start: the checkpoint's is the one the text encoder knows)
+        if self.resume is not None:
+            self.tok_json = (self.resume / "tokenizer.json").read_text()
+        else:
+            self.tok_json = M.train_tokenizer().to_str()
+        self.tokenizer = M.wrap_tokenizer(M.tokenizer_from_json(self.tok_json))
+        (self.out / "tokenizer.json").write_text(self.tok_json)
+
+        # models (deterministic init per model, independent of build order)
+        torch.manual_seed(args.seed * 1000 + 1)
+        self.vae = M.build_vae()
+        torch.manual_seed(args.seed * 1000 + 2)
+        self.text_encoder = M.build_text_encoder(len(self.tokenizer))
+        torch.manual_seed(args.seed * 1000 + 3)
+        self.transformer = M.build_transformer()
+        self.moments: tuple[dict, dict] | None = None
+        if self.resume is not None:
+            from safetensors.torch import load_file
+
+            load_into({"transformer": self.transformer}, load_file(str(self.resume / "transformer.safetensors")))
+            load_into({"vae": self.vae, "text_encoder": self.text_encoder},
+                      load_file(str(self.resume / "vae_text_encoder.safetensors")))
+            if self.state.get("optim_stage"):
+                self.moments = (load_file(str(self.resume / "optim_m.safetensors")),
+                                load_file(str(self.resume / "optim_v.safetensors")))
+            if self.state["vae"].get("latents_mean"):
+                self.vae.register_to_config(latents_mean=self.state["vae"]["latents_mean"],
+                                            latents_std=self.state["vae"]["latents_std"])
+        for m in (self.vae, self.text_encoder, self.transformer):
+            m.to(self.device)
+        self.renderer = D.Renderer(self.device)
+        photos = list(D.available_photos())
+        if self.state.setdefault("photos", photos) != photos:
+            self.log(f"WARNING: photos available now {photos} differ from the run's {self.state['photos']}")
+        self.log(f"device {self.device} ({environment(self.device).get('gpu', platform.processor())}), preset "
+                 f"{args.preset}, seed {args.seed}; params: vae {M.count_params(self.vae):,}, text encoder "
+                 f"{M.count_params(self.text_encoder):,}, transformer {M.count_params(self.transformer):,}; "
+                 f"tokenizer {len(self.tokenizer)} tokens; startup {time.time() - self.t_start:.1f}s")
+
+    # -- checkpointing --------------------------------------------------------------------------------
+    def save(self, opt=None, named=None, stage: str | None = None) -> None:
+        t = time.time()
+        def half(d):  # fp16 halves the files; a tensor that would overflow fp16 stays fp32
+            out = {}
+            for k, v in d.items():
+                h = v.detach().to(torch.float16)
+                out[k] = h if torch.isfinite(h).all() else v.detach().float()
+            return out
+
+        save_tensors(self.out / "transformer.safetensors",
+                     half({n: p for n, p in named_params({"transformer": self.transformer})}),
+                     {"format": "tiny-wan-train", "dtype": "float16"})
+        save_tensors(self.out / "vae_text_encoder.safetensors",
+                     half({n: p for n, p in named_params({"vae": self.vae, "text_encoder": self.text_encoder})}),
+                     {"format": "tiny-wan-train", "dtype": "float16"})
+        if opt is not None:
+            self.moments = optimizer_moments(opt, named)
+            self.state["optim_stage"] = stage
+        if self.moments is not None:
+            m, v = self.moments  # the latest moments of the stage in progress (or last trained)
+        else:
+            m, v = {}, {}
+            self.state["optim_stage"] = None
+        save_tensors(self.out / "optim_m.safetensors", m, {"stage": self.state.get("optim_stage")})
+        save_tensors(self.out / "optim_v.safetensors", v, {"stage": self.state.get("optim_stage")})
+        self.state["saved"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.state["wall_seconds_this_call"] = round(time.time() - self.t_start, 1)
+        tmp = self.out / ".state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.out / "state.json")
+        (self.out / "loss_curve.tsv").write_text("stage\tstep\tloss\tlr\tseconds\n" + "\n".join(self.curve_rows) + "\n")
+        for f in FILES:
+            size = (self.out / f).stat().st_size
+            if size > 16_000_000:
+                self.log(f"WARNING: {f} is {size / 1e6:.1f} MB, over the 16 MB return limit")
+        self.log(f"checkpoint saved ({time.time() - t:.1f}s)")
+
+    # -- generic loop ---------------------------------------------------------------------------------
+    def _run_stage(self, name: str, modules: dict, lr_peak: float, warmup: int, weight_decay: float,
+                   minutes: float, max_steps: int | None, calib: tuple[int, int], step_fn,
+                   reserve_s: float = 0.0, on_calibrated=None):
+        """Train ``modules`` with ``step_fn(step) -> loss`` until the schedule ends or the time is up.
+
+        Without ``max_steps`` the schedule length is planned from the measured speed after ``calib[1]``
+        steps and re-planned at every log line until the cool-down starts (then it is frozen). When the
+        time budget runs out the stage counts as finished (``stopped_by_budget``) so the next stage runs
+        in the same call; a call killed from outside resumes from its last checkpoint instead.
+        """
+        st = self.state[name]
+        named = named_params(modules)
+        params = [p for _, p in named]
+        opt = make_adamw(params, lr_peak, self.device, weight_decay)
+        if self.moments is not None and self.state.get("optim_stage") == name:
+            n = restore_moments(opt, named, *self.moments, step=st["step"])
+            self.log(f"[{name}] restored AdamW moments for {n}/{len(named)} tensors at step {st['step']}")
+        st["stopped_by_budget"] = False
+        if max_steps is not None and (st["total_steps"] != max_steps or not st.get("plan_fixed")):
+            st["total_steps"] = max_steps
+            st["cooldown_start"] = int(max_steps * (1.0 - COOLDOWN_FRACTION))
+            st["plan_fixed"] = True
+        fixed = bool(st.get("plan_fixed"))
+        t0 = time.time()
+        deadline = t0 + minutes * 60.0
+        if self.deadline_total is not None:
+            deadline = min(deadline, self.deadline_total - reserve_s)
+        last_ckpt = time.time()
+        step0 = st["step"]
+        ema = None
+        window = None  # (time, step) where speed measurement started
+        t_log, s_log = time.time(), st["step"]
+        for m in modules.values():
+            m.train()
+        while st["total_steps"] is None or st["step"] < st["total_steps"]:
+            if time.time() >= deadline:
+                st["stopped_by_budget"] = True
+                self.log(f"[{name}] time budget reached at step {st['step']} of {st['total_steps']}")
+                break
+            step = st["step"]
+            lr = lr_at(step, st, lr_peak, warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = step_fn(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            st["step"] = step + 1
+            done_here = st["step"] - step0
+            if done_here % self.cfg["curve_every"] == 0 or done_here <= 1:
+                lv = float(loss.detach())
+                if not math.isfinite(lv):
+                    raise FloatingPointError(f"[{name}] loss is {lv} at step {step}")
+                ema = lv if ema is None else 0.9 * ema + 0.1 * lv
+                self.curve_rows.append(f"{name}\t{st['step']}\t{lv:.5f}\t{lr:.3e}\t{st['seconds'] + time.time() - t0:.1f}")
+            # plan (and re-plan until the cool-down starts) the schedule length from the measured speed
+            if not fixed:
+                if done_here == calib[0]:
+                    window = (time.time(), st["step"])
+                    if on_calibrated is not None:
+                        on_calibrated("start")
+                replan = done_here == calib[1] or (done_here > calib[1] and done_here % self.cfg["log_every"] == 0)
+                frozen = st.get("cooldown_start") is not None and st["step"] >= st["cooldown_start"]
+                if window is not None and replan and not frozen:
+                    per_step = (time.time() - window[0]) / max(1, st["step"] - window[1])
+                    if done_here == calib[1] and on_calibrated is not None:
+                        per_step = on_calibrated(per_step, st["step"] - window[1])
+                    remaining = int(BUDGET_SAFETY * (deadline - time.time()) / per_step)
+                    first = st.get("calibrated_seconds_per_step") is None
+                    plan_schedule(st, st["step"], remaining)
+                    st["calibrated_seconds_per_step"] = per_step
+                    if first or done_here == calib[1]:
+                        self.log(f"[{name}] {per_step * 1000:.0f} ms/step -> schedule {st['total_steps']} steps, "
+                                 f"cool-down from step {st['cooldown_start']}")
+            if done_here % self.cfg["log_every"] == 0:
+                dt = time.time() - t_log
+                its = (st["step"] - s_log) / max(dt, 1e-9)
+                t_log, s_log = time.time(), st["step"]
+                self.log(f"[{name}] step {st['step']}/{st['total_steps'] or '?'} loss {ema:.4f} lr {lr:.2e} "
+                         f"gnorm {float(gnorm):.2f} {its:.2f} it/s stage time {st['seconds'] + time.time() - t0:.0f}s")
+            if time.time() - last_ckpt > self.cfg["ckpt_every_s"]:
+                t_ck = time.time()
+                st["seconds"] += t_ck - t0
+                self.save(opt, named, name)
+                spent = time.time() - t_ck
+                deadline += spent  # checkpoint I/O is not charged to the budget...
+                if self.deadline_total is not None:
+                    deadline = min(deadline, self.deadline_total - reserve_s)  # ...unless the call's cap says so
+                if window is not None:
+                    window = (window[0] + spent, window[1])
+                t0 = time.time()
+                last_ckpt = time.time()
+        st["seconds"] += time.time() - t0
+        st["done"] = True if st.get("stopped_by_budget") else (st["total_steps"] is not None
+                                                               and st["step"] >= st["total_steps"])
+        st["final_loss_ema"] = ema
+        for m in modules.values():
+            m.eval()
+        return opt, named
+
+    # -- stage 1: VAE ---------------------------------------------------------------------------------
+    def vae_step(self, step: int) -> torch.Tensor:
+        c = self.cfg
+        video, _, _ = D.make_clips(self.renderer, self.args.seed, "vae", step, c["vae_batch"], c["vae_frames"],
+                                   c["vae_render"], c["vae_render"])
+        g = D.stream_generator(self.args.seed, "vae-noise", step, self.device)
+        off = torch.randint(0, c["vae_render"] - c["vae_crop"] + 1, (2,), generator=g, device=self.device).tolist()
+        x = video[..., off[0]: off[0] + c["vae_crop"], off[1]: off[1] + c["vae_crop"]].contiguous()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            post = self.vae.encode(x).latent_dist
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=self.device,
+                                                   dtype=post.mean.dtype)
+            rec = self.vae.decode(z).sample
+        rec = rec.float()
+        err = rec - x
+        l1 = err.abs().mean()
+        l2 = err.pow(2).mean()
+        grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
+        mean, logvar = post.mean.float(), post.logvar.float()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+        return l1 + l2 + 0.5 * grad + 1e-4 * kl
+
+    def train_vae(self) -> None:
+        st = self.state["vae"]
+        if st["done"]:
+            self.log(f"[vae] already trained ({st['step']} steps)")
+            return
+        self.vae.requires_grad_(True)
+        c = self.cfg
+        self.log(f"[vae] training: batch {c['vae_batch']} x {c['vae_frames']} frames x {c['vae_crop']}^2 crops, "
+                 f"budget {self.args.vae_minutes} min")
+        opt, named = self._run_stage("vae", {"vae": self.vae}, c["vae_lr"], c["vae_warmup"], 0.0,
+                                     self.args.vae_minutes, self.args.vae_steps, c["calib_vae"], self.vae_step)
+        if st["done"]:
+            self.vae_statistics()
+        if st["done"]:
+            self.moments = None  # the VAE moments are no longer needed
+            self.save()
+        else:
+            self.save(opt, named, "vae")
+
+    @torch.no_grad()
+    def vae_statistics(self) -> None:
+        """Latent mean/std per channel (into the VAE config) and held-out reconstruction PSNR."""
+        c = self.cfg
+        t = time.time()
+        self.vae.eval()
+        f, h, w = c["dit_buckets"][0]["frames"], c["dit_buckets"][0]["height"], c["dit_buckets"][0]["width"]
+        zs = []
+        for i in range(0, c["stats_clips"], c["eval_batch"]):
+            video, _, _ = D.make_clips(self.renderer, self.args.seed, "vae-stats", i, c["eval_batch"], f, h, w)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                zs.append(self.vae.encode(video).latent_dist.mode().float())
+        z = torch.cat(zs)
+        mean = z.mean(dim=(0, 2, 3, 4))
+        std = z.std(dim=(0, 2, 3, 4)).clamp_min(1e-3)
+        self.vae.register_to_config(latents_mean=[round(float(v), 5) for v in mean],
+                                    latents_std=[round(float(v), 5) for v in std])
+        st = self.state["vae"]
+        st["latents_mean"], st["latents_std"] = self.vae.config.latents_mean, self.vae.config.latents_std
+        pf, ph, pw = c["psnr_size"]
+        st["heldout"] = E.vae_reconstruction(self.vae, self.renderer, self.args.seed, c["psnr_clips"], pf, ph, pw,
+                                             batch=c["eval_batch"], autocast=False)
+        self.log(f"[vae] held-out reconstruction PSNR {st['heldout']['psnr']:.2f} dB "
+                 f"{ {k: round(v, 2) for k, v in st['heldout']['psnr_by_kind'].items()} } on {c['psnr_clips']} clips "
+                 f"{pf}x{ph}x{pw}; latent std {[round(float(v), 2) for v in std]} ({time.time() - t:.1f}s)")
+
+    # -- stage 2: text encoder + transformer -----------------------------------------------------------
+    def _latent_batch(self, data_step: int):
+        c = self.cfg
+        rng = D.stream_rng(self.args.seed, "dit-bucket", data_step)
+        b = rng.choices(c["dit_buckets"], weights=[x["weight"] for x in c["dit_buckets"]])[0]
+        video, captions, _ = D.make_clips(self.renderer, self.args.seed, "dit", data_step, b["batch"], b["frames"],
+                                          b["height"], b["width"])
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            z = self.vae.encode(video).latent_dist.mode()
+        return M.normalize_latents(self.vae, z.float()), captions
+
+    def _reuse_schedule(self) -> list:
+        """[[from_step, reuse, first_data_index], ...]: how many steps each encoded batch serves."""
+        return self.state["dit"].setdefault("reuse_schedule", [[0, self.cfg["latent_reuse"], 0]])
+
+    def _data_index(self, step: int) -> int:
+        for s0, reuse, base in reversed(self._reuse_schedule()):
+            if step >= s0:
+                return base + (step - s0) // reuse
+        raise AssertionError(step)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _adapt_reuse(self, arg, window_steps: int | None = None):
+        """Calibration hook: time the data path (render + VAE encode) and pick the latent reuse (1-6) that
+        keeps it under half the transformer step, unless --latent-reuse fixed it."""
+        if arg == "start":
+            self._data_times = []
+            return None
+        per_step = arg
+        self._data_times, times = None, self._data_times or []
+        if self.args.latent_reuse is not None or not times:
+            return per_step
+        sched = self._reuse_schedule()
+        t_data = sum(times) / len(times)
+        t_train = max(1e-4, per_step - sum(times) / max(1, window_steps))
+        reuse = next((r for r in range(1, MAX_LATENT_REUSE + 1) if t_data / r <= 0.5 * t_train), MAX_LATENT_REUSE)
+        step = self.state["dit"]["step"]
+        self.state["dit"]["measured_ms"] = {"data_per_batch": round(t_data * 1000, 1),
+                                           "train_per_step": round(t_train * 1000, 1)}
+        if reuse != sched[-1][1]:
+            sched.append([step, reuse, self._data_index(step - 1) + 1])
+        self.log(f"[dit] data {t_data * 1000:.0f} ms/batch, train {t_train * 1000:.0f} ms/step -> latent reuse {reuse}")
+        return t_train + t_data / reuse
+
+    def dit_step(self, step: int) -> torch.Tensor:
+        c = self.cfg
+        data_step = self._data_index(step)
+        if getattr(self, "_cached_step", None) != data_step:
+            timing = getattr(self, "_data_times", None) is not None
+            if timing:
+                self._sync()
+                t = time.time()
+            self._cached = self._latent_batch(data_step)
+            self._cached_step = data_step
+            if timing:
+                self._sync()
+                self._data_times.append(time.time() - t)
+        latents, captions = self._cached
+        rng = D.stream_rng(self.args.seed, "dit-drop", step)
+        captions = ["" if rng.random() < c["caption_dropout"] else cap for cap in captions]
+        g = D.stream_generator(self.args.seed, "dit-noise", step, self.device)
+        sigmas = M.sample_sigmas(latents.shape[0], g, self.device)
+        noise = torch.randn(latents.shape, generator=g, device=self.device)
+        noisy, timesteps, target = M.flow_targets(latents, noise, sigmas)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            # exactly the pipeline's 512-position conditioning, in compact form (see encode_prompts_compact)
+            emb, bias = M.encode_prompts_compact(self.text_encoder, self.tokenizer, captions, self.device)
+            self._set_bias(bias)
+            pred = self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb,
+                                    return_dict=False)[0]
+        return F.mse_loss(pred.float(), target)
+
+    def train_dit(self) -> None:
+        st = self.state["dit"]
+        if self.args.more_dit_steps:
+            n = self.args.more_dit_steps
+            st["total_steps"] = st["step"] + n
+            st["cooldown_start"] = st["step"] + int(n * (1.0 - COOLDOWN_FRACTION))
+            st["plan_fixed"] = True
+            st["done"] = False
+            self.log(f"[dit] extending the schedule to {st['total_steps']} steps")
+        if st["done"]:
+            self.log(f"[dit] already trained ({st['step']} steps)")
+            return
+        if not self.state["vae"]["done"]:
+            self.log("[dit] skipped: the VAE stage has not finished (resume with more --vae-minutes)")
+            return
+        c = self.cfg
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        self.text_encoder.requires_grad_(True)
+        self.transformer.requires_grad_(True)
+        self.log(f"[dit] training text encoder + transformer: buckets "
+                 f"{[(b['frames'], b['height'], b['width'], b['batch'], b['weight']) for b in c['dit_buckets']]}, "
+                 f"latent reuse {c['latent_reuse']}, budget {self.args.dit_minutes} min")
+        with M.compact_cross_attention(self.transformer) as self._set_bias:
+            opt, named = self._run_stage(
+                "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
+                c["dit_warmup"], 0.01, self.args.dit_minutes, self.args.dit_steps, c["calib_dit"], self.dit_step,
+                reserve_s=FINAL_RESERVE_S[self.args.preset], on_calibrated=self._adapt_reuse)
+        self._cached, self._cached_step = None, None
+        self.save(opt, named, "dit")
+
+    # -- final evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def final_eval(self) -> None:
+        if not (self.state["vae"]["done"] and self.state["dit"]["done"]):
+            return
+        c = self.cfg
+        t = time.time()
+        pipe = M.assemble_pipeline(self.tokenizer, self.text_encoder, self.vae, self.transformer)
+        pipe.set_progress_bar_config(disable=True)
+        results = {}
+        for f, h, w in c["eval_sizes"]:
+            if self.deadline_total is not None and time.time() > self.deadline_total - 10:
+                self.log("final evaluation cut short by --total-minutes")
+                break
+            r = E.evaluate_prompts(pipe, D.heldout_prompts(), f, h, w, c["eval_steps"], c["eval_guidance"],
+                                   seed=self.args.seed,
+                                   deadline=None if self.deadline_total is None else self.deadline_total - 8)
+            results[f"{f}x{h}x{w}"] = r
+            self.log(f"[eval] held-out prompts at {f}x{h}x{w}, {c['eval_steps']} steps: colour {r['colour_ok']}, "
+                     f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, "
+                     f"{r['seconds_per_video']:.2f} s/video")
+        self.state["eval"] = results
+        self.log(f"[eval] done ({time.time() - t:.1f}s)")
+        self.save()
+
+    def run(self) -> None:
+        self.train_vae()
+        self.train_dit()
+        if not self.args.no_eval:
+            self.final_eval()
+        if self.args.export and self.state["vae"]["done"] and self.state["dit"]["done"]:
+            from sagevideo.recipes.tiny_wan.assemble import assemble
+
+            assemble(self.out, self.args.export, measure_cpu=False)
+            self.log(f"pipeline exported to {self.args.export}")
+        self.log(f"finished: vae {self.state['vae']['step']}/{self.state['vae']['total_steps']} steps, "
+                 f"dit {self.state['dit']['step']}/{self.state['dit']['total_steps']} steps, "
+                 f"wall {time.time() - self.t_start:.0f}s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="output folder (checkpoints, logs, final weights)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-minutes", type=float, default=2.5, help="wall-clock budget of the VAE stage")
+    p.add_argument("--dit-minutes", type=float, default=5.2, help="budget of the text encoder + transformer stage")
+    p.add_argument("--total-minutes", type=float, default=None,
+                   help="hard cap for the whole call; the transformer stage ends early to leave time for eval + save")
+    p.add_argument("--vae-steps", type=int, default=None, help="fix the VAE schedule length instead of timing it")
+    p.add_argument("--dit-steps", type=int, default=None, help="fix the transformer schedule length")
+    p.add_argument("--more-dit-steps", type=int, default=None,
+                   help="with --resume of a finished run: train the text encoder + transformer N more steps "
+                        "(the LR returns to its peak, then cools down over the last 20%%)")
+    p.add_argument("--latent-reuse", type=int, default=None, help="steps per encoded latent batch (default: preset)")
+    p.add_argument("--resume", default=None, help="a previous --out folder to continue from")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="full",
+                   help="'full' is the real recipe; 'smoke' runs the same flow on tiny clips (CPU check)")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out prompt evaluation at the end")
+    p.add_argument("--export", default=None, help="also write the assembled pipeline folder here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    Trainer(args).run()
+
+
+if __name__ == "__main__":
+    main()
