@@ -67,8 +67,10 @@ class LPIPSUnavailableError(RuntimeError):
 
 
 def default_weights_path() -> Path:
-    """Location of the weights inside a source checkout: ``<repo>/assets/lpips/alex_lpips_v0.1.safetensors``."""
-    return Path(__file__).resolve().parent.parent / "assets" / "lpips" / _WEIGHTS_NAME
+    """The bundled weights: ``assets/lpips/alex_lpips_v0.1.safetensors`` (checkout) or its copy in the wheel."""
+    from sagevideo._assets import asset_path
+
+    return asset_path("lpips", _WEIGHTS_NAME)
 
 
 def find_weights(path: str | os.PathLike | None = None) -> Path:

@@ -31,8 +31,9 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
 def search_dirs() -> list[Path]:
-    here = Path(__file__).resolve().parent
-    return [d for d in (here / "assets" / "profiles", here.parent / "assets" / "profiles") if d.is_dir()]
+    from sagevideo._assets import asset_dirs
+
+    return [d / "profiles" for d in asset_dirs() if (d / "profiles").is_dir()]
 
 
 def names() -> list[str]:
