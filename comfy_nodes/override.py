@@ -184,6 +184,7 @@ class SageOverride:
         self.observed: dict[tuple[int | None, int], str] = {}
         self.calls = {"sagevideo": 0, "fallback": 0}
         self._schedules: dict[int, Schedule] = {}
+        self.store: dict = {}  # state of stateful methods (sparse centroids, head classes) across steps
         self._said: set[str] = set()
         self._double_blocks = 0  # HunyuanVideo: number of double-stream blocks seen (offset of single ones)
         self._step_cache: tuple[Any, Any, tuple[int, int] | None] | None = None
@@ -352,7 +353,7 @@ class SageOverride:
         ctx = AttentionContext(
             step=step, num_steps=num_steps, layer=layer, num_layers=num_layers,
             layout=TokenLayout(self.family or "", grid=grid if grid is not None and math.prod(grid) == sq else None),
-            tensor_layout=layout, heads=tuple(range(heads)), key_padding_mask=kpm,
+            tensor_layout=layout, heads=tuple(range(heads)), key_padding_mask=kpm, store=self.store,
         )
         out, _ = run_choices(choices, qs, ks, vs, ctx)
         if self.guard.enabled and not all_finite(out):

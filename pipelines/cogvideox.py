@@ -117,6 +117,8 @@ SPEC = FamilySpec(
     timestep=timestep,
     key_padding_mask=key_padding_mask,
     make_processor=make_processor,
+    # sparse methods: CogVideoX: timesteps above 800 (about 20 %) and layer 0 dense (Sparse VideoGen)
+    sparse_warmup=(0.2, (0,)),
     # SageAttention2 reports V smoothing lifting CogVideoX's attention cosine similarity from 98.25 % to 99.75 %
     default_config=AttentionConfig(default="auto", default_params={"smooth_v": True}),
 )

@@ -64,5 +64,7 @@ SPEC = FamilySpec(
     token_layout=token_layout,
     timestep=timestep,
     key_padding_mask=key_padding_mask,
+    # sparse methods: HunyuanVideo 720p: 10 % of steps and one layer dense (Sparse VideoGen's scripts)
+    sparse_warmup=(0.1, (0,)),
     default_config=AttentionConfig(default="auto"),
 )

@@ -69,5 +69,7 @@ SPEC = FamilySpec(
     token_layout=token_layout,
     timestep=timestep,
     key_padding_mask=key_padding_mask,
+    # sparse methods: as HunyuanVideo
+    sparse_warmup=(0.1, (0,)),
     default_config=AttentionConfig(default="auto"),
 )

@@ -56,5 +56,7 @@ SPEC = FamilySpec(
     timestep=timestep,
     key_padding_mask=key_padding_mask,
     # SageAttention2-style INT8/FP8 everywhere (int8-fp16 on sm80/86, dense on CPU) with the guard on.
+    # sparse methods: Wan: 20 % of steps and one layer dense (Sparse VideoGen 1/2 scripts)
+    sparse_warmup=(0.2, (0,)),
     default_config=AttentionConfig(default="auto", family=None),
 )

@@ -37,7 +37,7 @@ from typing import Any
 
 from sagevideo import methods
 
-__all__ = ["CONFIG_VERSION", "Rule", "AttentionConfig", "default_config"]
+__all__ = ["CONFIG_VERSION", "Rule", "AttentionConfig", "default_config", "method_config"]
 
 CONFIG_VERSION = 1
 
@@ -293,3 +293,29 @@ def default_config(family: str) -> AttentionConfig:
     from sagevideo.patching import family_spec
 
     return family_spec(family).default_config
+
+
+def method_config(family: str | None, method: str, **params) -> AttentionConfig:
+    """A schedule that runs ``method`` (with ``params``) on every DiT self-attention call, except where the
+    method asks for a warm-up (``Method.needs_warmup``, the sparse methods): then the first part of the
+    trajectory and some layers run ``"auto"`` (quantized dense attention) first, with the family's amounts
+    (``FamilySpec.sparse_warmup``: Sparse VideoGen keeps the first 10-20 % of steps and one layer dense, because
+    early denoising steps and the first layer carry the layout of the whole video). ``family=None`` uses
+    20 % of steps and layer 0.
+    """
+    m = methods.get(method)
+    rules: tuple[Rule, ...] = ()
+    if m.needs_warmup:
+        if family is None:
+            fraction, layers = 0.2, (0,)
+        else:
+            from sagevideo.patching import family_spec
+
+            fraction, layers = family_spec(family).sparse_warmup
+        warm = []
+        if fraction > 0:
+            warm.append(Rule("auto", steps=(0.0, float(fraction))))
+        if layers:
+            warm.append(Rule("auto", layers=tuple(layers)))
+        rules = tuple(warm)
+    return AttentionConfig(default=method, default_params=dict(params), rules=rules)

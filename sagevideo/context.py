@@ -16,7 +16,7 @@ Video tokens are frame-major, ``(frames, height, width)`` after patching, in all
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -104,6 +104,9 @@ class AttentionContext:
         return_lse: whether the method must also return the log-sum-exp.
         params: the chosen rule's parameters, defaults filled in.
         ring: set under ring context parallelism (see :class:`RingChunk`).
+        store: a dict owned by whoever runs the schedule (one per patched transformer or ComfyUI override)
+            where stateful methods keep what they reuse across steps, under keys they choose (the sparse
+            methods use ``(method, layer, heads)``: k-means centroids, head classes). None = stateless call.
     """
 
     step: int | None
@@ -118,6 +121,7 @@ class AttentionContext:
     return_lse: bool = False
     params: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     ring: RingChunk | None = None
+    store: MutableMapping[Any, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def step_fraction(self) -> float | None:

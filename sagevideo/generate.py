@@ -390,12 +390,13 @@ def build_config(family: str, attention: str | None = None, profile: str | None 
     """The :class:`~sagevideo.config.AttentionConfig` for ``--attention`` / ``--profile`` (not both).
 
     * neither: the family's default schedule;
-    * ``attention``: one method everywhere; parameters of the family default that the method accepts are
-      kept (CogVideoX keeps ``smooth_v``); ``"dense"`` gives a dense config (the CLI runs dense unpatched);
+    * ``attention``: one method everywhere (``sagevideo.config.method_config``: sparse methods keep the family's
+      quantized warm-up steps and layer in front); parameters of the family default that the method accepts
+      are kept (CogVideoX keeps ``smooth_v``); ``"dense"`` gives a dense config (the CLI runs dense unpatched);
     * ``profile``: a shipped profile name (``sagevideo.profiles.names()``), a JSON file path, or inline JSON.
     """
     from sagevideo import methods, profiles
-    from sagevideo.config import AttentionConfig, default_config
+    from sagevideo.config import AttentionConfig, default_config, method_config
 
     if attention is not None and profile is not None:
         raise InputError("give --attention or --profile, not both")
@@ -421,7 +422,7 @@ def build_config(family: str, attention: str | None = None, profile: str | None 
     except ValueError as exc:
         raise InputError(f"--attention {attention}: {exc}") from None
     kept = {k: v for k, v in base.default_params.items() if k in method.params}
-    return AttentionConfig(default=attention, default_params=kept, guard=base.guard)
+    return method_config(family, attention, **kept).replace(guard=base.guard)
 
 
 def gpu_only_methods(config) -> list[str]:

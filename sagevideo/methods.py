@@ -43,6 +43,9 @@ class Method:
         row_local: whether each query row's output depends only on that row of Q (true for the quantized
             methods: per-token Q scales). Calibration then measures errors on a random subset of query rows,
             which is exact for those rows and much cheaper.
+        needs_warmup: schedules built from this method's name alone (``sagevideo.config.method_config``, the
+            CLI's ``--attention``, the ComfyUI node's mode) run quantized dense attention for the family's
+            warm-up steps and layers first (true for the sparse methods).
     """
 
     name: str
@@ -52,6 +55,7 @@ class Method:
     description: str = ""
     per_head: bool = True
     row_local: bool = True
+    needs_warmup: bool = False
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:

@@ -109,6 +109,8 @@ class FamilySpec:
             padding mask (BSHD tensors).
         default_config: the family's default :class:`AttentionConfig`.
         make_processor: for ``route="processor"``: ``fn(site, original_processor) -> processor``.
+        sparse_warmup: ``(fraction of steps, layers)`` that run quantized dense attention before a sparse method
+            takes over (``sagevideo.config.method_config``); the values of Sparse VideoGen's scripts.
     """
 
     name: str
@@ -123,8 +125,12 @@ class FamilySpec:
     key_padding_mask: Callable[..., torch.Tensor | None]
     default_config: AttentionConfig
     make_processor: Callable[..., Any] | None = None
+    sparse_warmup: tuple[float, tuple[int, ...]] = (0.2, (0,))
 
     def __post_init__(self):
+        fraction, layers = self.sparse_warmup
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"FamilySpec.sparse_warmup fraction must be in [0, 1), got {fraction}")
         if self.route not in ("backend", "processor"):
             raise ValueError(f"FamilySpec.route must be 'backend' or 'processor', got {self.route!r}")
         if self.route == "processor" and self.make_processor is None:
@@ -214,6 +220,7 @@ class _PatchState:
         self.layout_id = 0
         self.observed: dict[tuple[int | None, int], str] = {}
         self.calibrator = None  # set by sagevideo.calibrate while it records
+        self.store: dict = {}  # state of stateful methods (sparse centroids, head classes), see AttentionContext
         # (module, processor or backend installed by the patch), checked before every forward
         self.installed: list[tuple[torch.nn.Module, Any]] = []
 
@@ -241,7 +248,7 @@ class _PatchState:
         base = AttentionContext(
             step=step, num_steps=num_steps, layer=layer, num_layers=self.num_layers, layout=layout,
             tensor_layout=tensor_layout, heads=heads, scale=scale, key_padding_mask=kpm, return_lse=return_lse,
-            ring=ring,
+            ring=ring, store=self.store,
         )
         if self.calibrator is not None:
             return self.calibrator.observe(self, q, k, v, base)

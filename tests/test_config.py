@@ -234,3 +234,29 @@ def test_per_family_defaults():
     assert default_config("cogvideox").default_params["smooth_v"] is True
     with pytest.raises(ValueError, match="unknown model family 'flux'"):
         default_config("flux")
+
+
+def test_method_config_adds_the_family_warmup_only_for_methods_that_ask():
+    from sagevideo import methods
+    from sagevideo.config import method_config
+    from sagevideo.patching import family_spec
+
+    plain = method_config("wan", "int8-fp8", smooth_v=True)
+    assert plain.default == "int8-fp8" and plain.rules == () and plain.default_params["smooth_v"] is True
+
+    def fn(q, k, v, ctx):
+        return methods.get("dense").fn(q, k, v, ctx)
+
+    methods.register(methods.Method("test-warm", fn, cost=0.3, needs_warmup=True))
+    try:
+        for family in ("wan", "hunyuan_video", "cogvideox"):
+            fraction, layers = family_spec(family).sparse_warmup
+            cfg = method_config(family, "test-warm")
+            assert cfg.default == "test-warm"
+            assert [(r.method, r.steps, r.layers) for r in cfg.rules] == [
+                ("auto", (0.0, fraction), None), ("auto", None, layers)]
+        assert family_spec("hunyuan_video").sparse_warmup[0] < family_spec("wan").sparse_warmup[0]
+        generic = method_config(None, "test-warm")
+        assert [(r.steps, r.layers) for r in generic.rules] == [((0.0, 0.2), None), (None, (0,))]
+    finally:
+        methods.unregister("test-warm")

@@ -393,3 +393,37 @@ def test_gpu_memory_and_accuracy_of_a_patched_block():
             f"allowance {allowance / 2**20:.1f} MiB"
         )
         assert rel_l1 < (1e-3 if method == "dense" else 0.02), f"{method}: block output rel-L1 {rel_l1:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State of stateful methods (ctx.store)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def counting_method():
+    def fn(q, k, v, ctx):
+        key = ("test-count", ctx.layer, ctx.heads)
+        seen = ctx.store.setdefault(key, [])
+        seen.append(ctx.step)
+        return methods.get("dense").fn(q, k, v, ctx)
+
+    methods.register(methods.Method("test-count", fn, cost=0.5, description="dense, records calls (test)"))
+    yield "test-count"
+    methods.unregister("test-count")
+
+
+def test_store_persists_across_steps_and_belongs_to_one_patch(wan, dense_out, counting_method):
+    with patch_pipeline(wan, AttentionConfig.uniform(counting_method)) as handle:
+        out = tp.run(wan)
+        (state,) = handle._states
+        store = state.store
+        # one entry per layer, holding every step twice (cond and uncond), in order
+        assert sorted(store) == [("test-count", l, tuple(range(wan.transformer.config.num_attention_heads)))
+                                 for l in range(tp.LAYERS)]
+        for seen in store.values():
+            assert seen == [s for s in range(tp.NUM_STEPS) for _ in range(2)]
+    torch.testing.assert_close(out, dense_out, rtol=0, atol=0)
+    with patch_pipeline(wan, AttentionConfig.uniform(counting_method)) as handle:
+        (state,) = handle._states
+        assert state.store == {}  # a new patch starts with no state
