@@ -487,14 +487,18 @@ def _dispatch_backend(
     ring_world = cp_config.ring_degree
     ring_rank = cp_config._ring_local_rank if ring_world > 1 else 0
     ulysses_rank = cp_config._ulysses_local_rank if cp_config.ulysses_degree > 1 else 0
+    # Ulysses gives rank r the heads [r·⌈H/n⌉, ...): with ulysses_anything and H not divisible by n, diffusers
+    # pads the heads to a multiple of n and the last rank holds fewer, so the offset comes from the global count
+    # (query here is still (B, S_local, H_global, D)), not from the local one.
+    heads_per_rank = -(-query.shape[2] // max(cp_config.ulysses_degree, 1))
     calls = itertools.count()
 
     def forward_op(ctx, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
                    _save_ctx=True, _parallel_config=None):
-        # Ulysses: q holds heads [rank·H_local, (rank+1)·H_local) of the full sequence. Ring: the i-th call of
-        # this attention sees the keys of ring rank (rank + i) mod world.
+        # Ulysses: q holds heads from rank·⌈H/n⌉ on, of the full sequence. Ring: the i-th call of this attention
+        # sees the keys of ring rank (rank + i) mod world.
         kv_rank = (ring_rank + next(calls)) % ring_world if ring_world > 1 else 0
-        cp = (ulysses_rank * q.shape[2], ring_rank, ring_world, kv_rank)
+        cp = (ulysses_rank * heads_per_rank, ring_rank, ring_world, kv_rank)
         out, lse = site.attend(q, k, v, spec.key_padding_mask(mask, q, k), scale, return_lse, "BSHD", cp)
         return (out, lse) if return_lse else out
 

@@ -74,9 +74,30 @@ def _worker(rank, world, port, result_dir):
             with tp.RecordContexts() as seen:
                 _forward(AttentionConfig.uniform(tp.RecordContexts.NAME), ContextParallelConfig(**{f"{mode}_degree": world}))
             results[(mode, "contexts")] = [(c.layer, c.heads, c.ring, c.layout.grid) for c in seen]
+        results["ulysses_anything"] = _ulysses_anything_heads()
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _ulysses_anything_heads():
+    """3 heads over 2 Ulysses ranks (``ulysses_anything``): the heads each rank's calls are told they hold."""
+    from diffusers import ContextParallelConfig, WanTransformer3DModel
+
+    from sagevideo.patching import patch_transformer
+
+    torch.manual_seed(0)
+    tr = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=3, attention_head_dim=16, in_channels=16, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+    with tp.RecordContexts() as seen, torch.no_grad():
+        handle = patch_transformer(tr, AttentionConfig.uniform(tp.RecordContexts.NAME))
+        tr.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+        tr(*_inputs(), return_dict=False)
+        handle.unpatch()
+    return [c.heads for c in seen]
 
 
 def _free_port():
@@ -118,6 +139,12 @@ def test_ulysses_ranks_see_global_heads(results):
         contexts = results[rank][("ulysses", "contexts")]
         assert {c[1] for c in contexts} == {(rank,)}  # 2 heads over 2 ranks: rank r holds head r
         assert all(c[2] is None and c[3] == (3, 4, 6) for c in contexts)
+
+
+def test_ulysses_anything_uneven_heads_get_their_global_indices(results):
+    # diffusers pads 3 heads to 4: rank 0 holds heads 0-1, rank 1 holds head 2 (not head 1)
+    assert set(results[0]["ulysses_anything"]) == {(0, 1)}
+    assert set(results[1]["ulysses_anything"]) == {(2,)}
 
 
 def test_ring_dense_matches_single_process(results, single):
