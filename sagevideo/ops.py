@@ -191,8 +191,29 @@ def _to_bhsd(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "BHSD" else t.transpose(1, 2)
 
 
+def _flash_with_lse(q, k, v, scale):
+    """SDPA's flash kernel, which returns the natural-log LSE it computes anyway ((B, H, S) fp32); None when it
+    does not apply (not CUDA, fp32, a mask, GQA, head_dim > 256 or not a multiple of 8) or fails."""
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[1] == k.shape[1]
+            and q.shape[-1] <= 256 and q.shape[-1] % 8 == 0):
+        return None
+    try:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)
+    except (RuntimeError, NotImplementedError):
+        return None
+    out, lse = res[0], res[1]
+    if out.shape != q.shape or lse.shape != q.shape[:3] or lse.dtype != torch.float32:
+        return None
+    return out, lse
+
+
 def _dense(q, k, v, scale, mask, return_lse):
-    """SDPA in BHSD; LSE (when asked) from an exact fp32 pass chunked over query rows."""
+    """SDPA in BHSD. With ``return_lse``: the flash kernel's own LSE where it applies, otherwise an exact fp32
+    pass chunked over query rows (a second attention: CPU, fp32, masks, GQA)."""
+    if return_lse and mask is None:
+        res = _flash_with_lse(q, k, v, scale)
+        if res is not None:
+            return res
     attn_mask = None if mask is None else mask[:, None, None, :]
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]

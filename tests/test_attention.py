@@ -299,3 +299,16 @@ def test_bad_input_errors(kwargs, exc, match):
             args[name] = kwargs.pop(name)
     with pytest.raises(exc, match=match):
         sagevideo.attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_lse_from_the_flash_kernel_is_the_true_lse(layout, dtype):
+    # 16-bit dense with return_lse takes the LSE from SDPA's flash kernel (no second attention pass)
+    q, k, v = structured_qkv(2, 3, 3, 300, 250, 128, dtype=dtype, device="cuda", layout=layout)
+    out, lse = sagevideo.attention(q, k, v, layout=layout, precision="dense", return_lse=True)
+    want_out, want_lse = exact(q, k, v, layout)
+    got = lse.cpu() if layout == "BHSD" else lse.cpu().transpose(1, 2)
+    torch.testing.assert_close(got, want_lse.float(), atol=2e-3, rtol=0)
+    assert error_metrics(out.float().cpu(), want_out.float())["rel_l1"] < 1e-2
