@@ -302,3 +302,104 @@ def quant_attention_ref(
     return quant_attention_from_quantized(
         qkv, key_padding_mask=key_padding_mask, out_dtype=q.dtype, block_n=block_n
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention under a general (per query row) token mask, for the block-sparse path (sagevideo/sparse/blocks.py)
+# ----------------------------------------------------------------------------------------------------------
+# ``token_mask(i0, i1)`` returns the bool mask of query rows ``i0:i1`` against every key, broadcastable to
+# ``(B, H, i1 - i0, S_kv)`` (True = attend), or None for "attend to everything". The mask is built one chunk of
+# query rows at a time, so these references never hold an S×S buffer either.
+
+
+def attention_exact_masked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention in ``dtype`` (BHSD, equal head counts) under a per-row token mask.
+
+    Returns ``(out, lse)`` as :func:`attention_exact`; rows with no attended key get output 0 and LSE −inf.
+    """
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    kx = _expand_kv(k, q.shape[1]).to(dtype)
+    vx = _expand_kv(v, q.shape[1]).to(dtype)
+    outs, lses = [], []
+    for i in range(0, q.shape[2], chunk):
+        i1 = min(i + chunk, q.shape[2])
+        s = torch.matmul(q[:, :, i:i1].to(dtype), kx.transpose(-1, -2)) * scale
+        m = token_mask(i, i1)
+        if m is not None:
+            s = s.masked_fill(~m, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse)[..., None])
+        outs.append(torch.matmul(p, vx))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def quant_attention_masked(
+    qkv: QuantizedQKV,
+    token_mask,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    block_n: int = DEFAULT_BLOCK_N,
+    chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quant_attention_from_quantized` under a per-row token mask (same arithmetic, same KV tiles).
+
+    Query rows are processed ``chunk`` at a time; within a chunk KV is walked in tiles of ``block_n`` in
+    sequence order with the online softmax, P rounded to e4m3 (``int8-fp8``, in the 448-scaled range) or to
+    16 bits, and each tile's PV product formed on its own before it is added. Returns ``(out, lse)``.
+    """
+    d = qkv.head_dim
+    hq = qkv.q.shape[1]
+    k_all = _expand_kv(qkv.k[..., :d], hq).float()
+    ks_all = _expand_kv(qkv.k_scale, hq)
+    fp8 = qkv.precision == "int8-fp8"
+    skv = k_all.shape[2]
+    v_all = _expand_kv(qkv.v[:, :, :d, :skv].transpose(-1, -2) if fp8 else qkv.v[..., :d], hq).float()
+    shift = LOG2_FP8_MAX if fp8 else 0.0  # P·448 straight from the exponent for the e4m3 operand
+    p_dtype = torch.float8_e4m3fn if fp8 else qkv.v.dtype
+    outs, lses = [], []
+    for i in range(0, qkv.q.shape[2], chunk):
+        i1 = min(i + chunk, qkv.q.shape[2])
+        q = qkv.q[:, :, i:i1, :d].float()
+        qs = qkv.q_scale[:, :, i:i1]
+        mask = token_mask(i, i1)
+        if mask is not None:
+            mask = mask.expand(q.shape[0], hq, i1 - i, skv)
+        shape = q.shape[:-1]
+        m = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
+        l = torch.zeros(shape, dtype=torch.float32, device=q.device)
+        acc = torch.zeros((*shape, d), dtype=torch.float32, device=q.device)
+        for j in range(0, skv, block_n):
+            s1 = torch.matmul(q, k_all[:, :, j : j + block_n].transpose(-1, -2)) * ks_all[:, :, None, j : j + block_n]
+            if mask is not None:
+                s1 = s1.masked_fill(~mask[..., j : j + block_n], float("-inf"))
+            m_new = torch.maximum(m, s1.amax(dim=-1) * qs)
+            m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
+            alpha = torch.exp2(m - m_safe)
+            p = torch.exp2(s1 * qs[..., None] + (shift - m_safe)[..., None])
+            l = l * alpha + p.sum(dim=-1)
+            acc = acc * alpha[..., None] + torch.matmul(p.to(p_dtype).float(), v_all[:, :, j : j + block_n])
+            m = m_new
+        valid = l > 0
+        out = acc / torch.where(valid, l, 1.0)[..., None]
+        if fp8:  # the 448 of P cancels between acc and l
+            out = out * _expand_kv(qkv.v_scale[..., :d], hq)[:, :, None, :]
+        if qkv.v_mean is not None:
+            out = out + _expand_kv(qkv.v_mean[..., :d], hq)[:, :, None, :]
+        out = torch.where(valid[..., None], out, 0.0)
+        log2_l = torch.log2(torch.where(valid, l, 1.0)) - shift
+        lse = torch.where(valid, (m + log2_l) * LN2, float("-inf"))
+        if qkv.lse_offset is not None:
+            lse = lse + qkv.lse_offset[:, :, i:i1]
+        outs.append(out.to(out_dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -1,0 +1,640 @@
+"""Block-sparse attention: block layouts, the public op and its plain-torch reference.
+
+A :class:`BlockLayout` describes, for every (batch, head), the query blocks and KV blocks of a (possibly
+token-permuted) sequence — each block a start row and a length, so clusters of unequal size are cut into
+chunks of at most ``block_m``/``block_n`` rows that never straddle two clusters — and, for each query block,
+the compact list of KV blocks it attends to (``kv_index``/``kv_count``; never an S×S mask). This is the
+layout of Sparse VideoGen2 (Yang et al. 2025, "Sparse VideoGen2: Accelerate Video Generation with Sparse
+Attention via Semantic-Aware Permutation"): tokens permuted so that each k-means cluster is contiguous,
+then a block list per cluster pair; contiguous equal blocks (:func:`uniform_blocks`) give the spatial /
+temporal patterns of Sparse VideoGen (Xi et al. 2025) without a permutation.
+
+:func:`block_sparse_attention` runs the Triton kernel (``kernels/block_sparse_attn.py``) on CUDA: in the
+quantized modes the quantization pass (``kernels/quantize.py``, SageAttention2's INT8 Q/K with per-token
+scales and smoothed K, FP8 or 16-bit V) reads the inputs through the permutation, so the permuted copy is its
+output and nothing else is copied; the kernel stores the output through the same index, in the original
+order. Per-token scales and K smoothing stay exact under sparsity: smoothing shifts every score of a row by
+the same ``q·mean(K)``, whatever subset of keys the row attends to.
+
+:func:`block_sparse_reference` computes the same thing in plain torch: attention under the equivalent token
+mask (:func:`layout_token_mask`, mapped back through the permutations), exact or through the quantized
+reference of ``sagevideo.reference``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from sagevideo import ops, reference
+
+LAYOUTS = ops.LAYOUTS
+PRECISIONS = ops.PRECISIONS
+MAX_HEAD_DIM = ops.MAX_KERNEL_HEAD_DIM
+#: The largest query block (``block_m``) the kernel takes; kept equal to kernels/block_sparse_attn.MAX_BLOCK_M.
+MAX_BLOCK_M = 256
+_LAYOUT_FIELDS = ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count")
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    return t.dtype in _INT_DTYPES
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The layout
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Query/KV blocks of a (permuted) sequence and the KV blocks each query block attends to.
+
+    Fields (all int32, contiguous, on one device; other integer dtypes are converted on construction):
+
+    * ``q_start``, ``q_len`` ``(B, H, NQ)``: first row and number of rows (``0..block_m``; 0 = an unused
+      padding slot) of each query block, in the permuted sequence;
+    * ``k_start``, ``k_len`` ``(B, H, NK)``: the same for KV blocks (lengths ``0..block_n``);
+    * ``kv_index`` ``(B, H, NQ, MAXK)``: ids (``0..NK-1``) of the KV blocks each query block attends to; only
+      the first ``kv_count`` entries of a row count, the rest are ignored;
+    * ``kv_count`` ``(B, H, NQ)``;
+    * ``block_m``, ``block_n``: the largest query / KV block.
+
+    Query blocks of one (batch, head) must not overlap, nor KV blocks, and a row of ``kv_index`` must not list
+    a block twice; :func:`block_sparse_attention` checks that (and the ranges) against the sequence lengths.
+    Rows in no query block get output 0 (LSE −inf), like rows whose keys are all masked.
+    """
+
+    q_start: torch.Tensor
+    q_len: torch.Tensor
+    k_start: torch.Tensor
+    k_len: torch.Tensor
+    kv_index: torch.Tensor
+    kv_count: torch.Tensor
+    block_m: int
+    block_n: int
+
+    def __post_init__(self):
+        for name in _LAYOUT_FIELDS:
+            t = getattr(self, name)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"BlockLayout.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if not _is_int(t):
+                raise TypeError(f"BlockLayout.{name} must be an integer tensor (int32), got {t.dtype}")
+            want = 4 if name == "kv_index" else 3
+            if t.dim() != want:
+                dims = "(B, H, NQ, MAXK)" if want == 4 else "(B, H, N)"
+                raise ValueError(f"BlockLayout.{name} must be {want}-D {dims}, got shape {tuple(t.shape)}")
+            if t.dtype != torch.int32 or not t.is_contiguous():
+                object.__setattr__(self, name, t.to(torch.int32).contiguous())
+        for name in ("block_m", "block_n"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"BlockLayout.{name} must be a positive int, got {val!r}")
+        devs = {getattr(self, n).device for n in _LAYOUT_FIELDS}
+        if len(devs) > 1:
+            raise ValueError(f"BlockLayout tensors are on different devices: {sorted(map(str, devs))}")
+        bh = tuple(self.q_start.shape[:2])
+        nq, nk = self.q_start.shape[2], self.k_start.shape[2]
+        expect = {
+            "q_len": (*bh, nq),
+            "k_start": (*bh, nk),
+            "k_len": (*bh, nk),
+            "kv_count": (*bh, nq),
+        }
+        for name, shape in expect.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(
+                    f"BlockLayout.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape} "
+                    f"(q_start is {tuple(self.q_start.shape)}, k_start {tuple(self.k_start.shape)})"
+                )
+        if tuple(self.kv_index.shape[:3]) != (*bh, nq):
+            raise ValueError(
+                f"BlockLayout.kv_index has shape {tuple(self.kv_index.shape)}, expected {(*bh, nq)} + (MAXK,)"
+            )
+
+    # -- shape ---------------------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        return self.q_start.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q_start.shape[1]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.q_start.shape[2]
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.k_start.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q_start.device
+
+    def to(self, device) -> "BlockLayout":
+        """The same layout on ``device``."""
+        return BlockLayout(
+            *(getattr(self, n).to(device) for n in _LAYOUT_FIELDS), block_m=self.block_m, block_n=self.block_n
+        )
+
+    def keep_matrix(self) -> torch.Tensor:
+        """The block-level mask, bool ``(B, H, NQ, NK)`` (small: one entry per block pair)."""
+        return _keep_matrix(self)
+
+    @property
+    def density(self) -> float:
+        """Kept (query row, key) pairs over all pairs.
+
+        That is Σ q_len·(Σ k_len of its kept blocks) / Σ_bh (Σ q_len)·(Σ k_len).
+
+        With blocks covering the sequences that is the fraction of the S_q×S_kv scores computed (key padding
+        not counted). 0.0 for an empty layout.
+        """
+        keep = _keep_matrix(self).to(torch.float64)
+        ql = self.q_len.to(torch.float64)
+        kl = self.k_len.to(torch.float64)
+        kept = (ql[..., :, None] * keep * kl[..., None, :]).sum()
+        total = (ql.sum(-1) * kl.sum(-1)).sum()
+        return float(kept / total) if total > 0 else 0.0
+
+
+def _keep_matrix(layout: BlockLayout) -> torch.Tensor:
+    b, h, nq, maxk = layout.kv_index.shape
+    nk = layout.num_kv_blocks
+    live = torch.arange(maxk, device=layout.device) < layout.kv_count[..., None]
+    idx = torch.where(live & (layout.kv_index >= 0) & (layout.kv_index < nk), layout.kv_index, nk).long()
+    keep = torch.zeros((b, h, nq, nk + 1), dtype=torch.bool, device=layout.device)
+    keep.scatter_(3, idx, True)
+    return keep[..., :nk]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def uniform_blocks(batch: int, heads: int, seq_len: int, block: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, len)``, int32 ``(B, H, ceil(S/block))``: equal contiguous blocks; the last one holds the tail."""
+    if block <= 0 or seq_len < 0:
+        raise ValueError(f"uniform_blocks: need block > 0 and seq_len >= 0, got block={block}, seq_len={seq_len}")
+    n = max(1, math.ceil(seq_len / block))
+    start = torch.arange(n, dtype=torch.int32, device=device) * block
+    length = (seq_len - start).clamp(0, block)
+    start = torch.minimum(start, torch.tensor(seq_len, dtype=torch.int32, device=device))
+    expand = lambda t: t.expand(batch, heads, n).contiguous()  # noqa: E731
+    return expand(start), expand(length.to(torch.int32))
+
+
+def cluster_blocks(sizes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut clusters (contiguous in the permuted order) into blocks of at most ``block`` rows.
+
+    Args:
+        sizes: integer ``(B, H, C)``, the size of each cluster in permuted order; every (batch, head) must sum
+            to the same sequence length S. Empty clusters are allowed.
+        block: the largest block.
+
+    Returns:
+        ``(start, len, cluster)``, each ``(B, H, N)`` (int32): a cluster of size n becomes ``ceil(n/block)``
+        blocks (full ones first, the tail last) and blocks never straddle two clusters. ``N`` is the largest
+        block count over (batch, head); the other rows are padded with slots of length 0 (start S, cluster
+        −1).
+    """
+    if not isinstance(sizes, torch.Tensor) or not _is_int(sizes) or sizes.dim() != 3:
+        raise ValueError("cluster_blocks: sizes must be an integer tensor (B, H, C) of cluster sizes")
+    if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
+        raise ValueError(f"cluster_blocks: block must be a positive int, got {block!r}")
+    sizes = sizes.long()
+    b, h, c = sizes.shape
+    dev = sizes.device
+    if c == 0:
+        raise ValueError("cluster_blocks: sizes has no clusters (C = 0)")
+    if bool((sizes < 0).any()):
+        raise ValueError("cluster_blocks: cluster sizes must be >= 0")
+    totals = sizes.sum(-1)
+    seq = int(totals.flatten()[0]) if totals.numel() else 0
+    if bool((totals != seq).any()):
+        raise ValueError(
+            f"cluster_blocks: cluster sizes must sum to the same sequence length for every (batch, head), got "
+            f"sums from {int(totals.min())} to {int(totals.max())}"
+        )
+    chunks = (sizes + block - 1) // block  # (B, H, C)
+    cum = chunks.cumsum(-1)
+    n = max(1, int(cum[..., -1].max())) if cum.numel() else 1
+    j = torch.arange(n, device=dev).expand(b, h, n).contiguous()
+    cl = torch.searchsorted(cum.contiguous(), j, right=True)  # cluster of the j-th block
+    live = cl < c
+    cl_safe = cl.clamp(max=c - 1)
+    first_chunk = (cum - chunks).gather(2, cl_safe)
+    cluster_start = (sizes.cumsum(-1) - sizes).gather(2, cl_safe)
+    offset = (j - first_chunk) * block
+    start = cluster_start + offset
+    length = (sizes.gather(2, cl_safe) - offset).clamp(0, block)
+    start = torch.where(live, start, seq)
+    length = torch.where(live, length, 0)
+    cluster = torch.where(live, cl, -1)
+    return start.to(torch.int32), length.to(torch.int32), cluster.to(torch.int32)
+
+
+def block_mask_to_layout(
+    q_start: torch.Tensor,
+    q_len: torch.Tensor,
+    k_start: torch.Tensor,
+    k_len: torch.Tensor,
+    block_keep: torch.Tensor,
+    block_m: int,
+    block_n: int,
+) -> BlockLayout:
+    """A :class:`BlockLayout` from a block-level mask ``block_keep`` (bool ``(B, H, NQ, NK)``).
+
+    ``kv_index`` lists the kept KV blocks of each query block in increasing id order, ``MAXK`` is the largest
+    count (at least 1) and unused entries are 0. Pairs involving a padding slot (length 0) are dropped, so
+    padding query blocks get ``kv_count`` 0.
+    """
+    if not isinstance(block_keep, torch.Tensor) or block_keep.dtype != torch.bool:
+        raise TypeError("block_mask_to_layout: block_keep must be a bool tensor (B, H, NQ, NK), True = attend")
+    want = (*q_start.shape, k_start.shape[-1]) if q_start.dim() == 3 and k_start.dim() == 3 else None
+    if want is None or tuple(block_keep.shape) != want:
+        raise ValueError(
+            f"block_mask_to_layout: block_keep must have shape (B, H, NQ, NK) = {want}, got {tuple(block_keep.shape)}"
+        )
+    keep = block_keep.to(q_start.device) & (q_len > 0)[..., :, None] & (k_len > 0)[..., None, :]
+    count = keep.sum(-1)
+    maxk = max(1, int(count.max())) if count.numel() else 1
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk]
+    live = torch.arange(maxk, device=keep.device) < count[..., None]
+    index = torch.where(live, order, 0)
+    if index.shape[-1] < maxk:  # NK = 0
+        index = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=keep.device)
+    return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n)
+
+
+def _row_to_block(start: torch.Tensor, length: torch.Tensor, block: int, seq: int) -> torch.Tensor:
+    """``(B, H, seq)`` int64: the block holding each row (−1 for rows in no block). Blocks must not overlap."""
+    b, h, n = start.shape
+    r = torch.arange(block, device=start.device)
+    rows = start.long()[..., None] + r
+    ok = (r < length.long()[..., None]) & (rows >= 0) & (rows < seq)
+    idx = torch.where(ok, rows, seq).flatten(2)
+    ids = torch.arange(n, device=start.device)[:, None].expand(n, block).reshape(-1).expand(b, h, -1)
+    out = torch.full((b, h, seq + 1), -1, dtype=torch.long, device=start.device)
+    out.scatter_(2, idx, ids.contiguous())
+    return out[..., :seq]
+
+
+def _block_token_mask(keep: torch.Tensor, row_block: torch.Tensor, col_block: torch.Tensor) -> torch.Tensor:
+    """``keep[b, h, row_block[r], col_block[c]]`` (False where either is −1): bool ``(B, H, R, C)``."""
+    b, h, nq, nk = keep.shape
+    pad = torch.zeros((b, h, nq + 1, nk + 1), dtype=torch.bool, device=keep.device)
+    pad[:, :, :nq, :nk] = keep
+    rb = torch.where(row_block < 0, nq, row_block)
+    cb = torch.where(col_block < 0, nk, col_block)
+    rows = pad.gather(2, rb[..., None].expand(b, h, rb.shape[2], nk + 1))
+    return rows.gather(3, cb[:, :, None, :].expand(b, h, rb.shape[2], cb.shape[2]))
+
+
+def layout_token_mask(layout: BlockLayout, seq_q: int, seq_kv: int) -> torch.Tensor:
+    """The token mask equivalent to ``layout``, bool ``(B, H, seq_q, seq_kv)`` in the layout's (permuted)
+    order: row r attends to key c when r's query block lists c's KV block. For references and tests only."""
+    rb = _row_to_block(layout.q_start, layout.q_len, layout.block_m, seq_q)
+    cb = _row_to_block(layout.k_start, layout.k_len, layout.block_n, seq_kv)
+    return _block_token_mask(_keep_matrix(layout), rb, cb)
+
+
+def _token_mask_fn(layout, seq_q, seq_kv, q_perm, kv_perm, key_padding_mask):
+    """A function ``(i0, i1) -> bool (B, H, i1-i0, S_kv)``: the mask of original query rows i0:i1 against the
+    original keys (the layout's mask mapped back through the permutations, and the key padding). Called with
+    one integer tensor of row ids instead, it returns the mask of those rows."""
+    rb = _row_to_block(layout.q_start, layout.q_len, layout.block_m, seq_q)
+    cb = _row_to_block(layout.k_start, layout.k_len, layout.block_n, seq_kv)
+    if q_perm is not None:  # original row q_perm[s] sits at permuted position s
+        rb = torch.full_like(rb, -1).scatter_(2, q_perm.long(), rb)
+    if kv_perm is not None:
+        cb = torch.full_like(cb, -1).scatter_(2, kv_perm.long(), cb)
+    keep = _keep_matrix(layout)
+
+    def fn(i0, i1=None):
+        m = _block_token_mask(keep, rb[:, :, i0:i1] if i1 is not None else rb[:, :, i0], cb)
+        if key_padding_mask is not None:
+            m = m & key_padding_mask[:, None, None, :]
+        return m
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _validate(q, k, v, layout, tensor_layout, precision, scale, key_padding_mask, q_perm, kv_perm, where):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(
+            f"{where}: layout must be a BlockLayout (see block_mask_to_layout), got {type(layout).__name__}"
+        )
+    if tensor_layout not in LAYOUTS:
+        raise ValueError(f"{where}: tensor_layout must be one of {LAYOUTS}, got {tensor_layout!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: unknown precision {precision!r}; choose one of {PRECISIONS}")
+    dims = "(batch, heads, seq, head_dim)" if tensor_layout == "BHSD" else "(batch, seq, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(
+                f"{where}: {name} must be 4-D {dims} for tensor_layout={tensor_layout!r}, got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise TypeError(f"{where}: {name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{where}: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{where}: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    s_ax, h_ax = (2, 1) if tensor_layout == "BHSD" else (1, 2)
+    b, hq, sq, d = q.shape[0], q.shape[h_ax], q.shape[s_ax], q.shape[3]
+    if k.shape != v.shape or k.shape[3] != d or k.shape[0] != b:
+        raise ValueError(
+            f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape, with q's batch ({b}) "
+            f"and head_dim ({d}) (tensor_layout={tensor_layout!r})"
+        )
+    hk, skv = k.shape[h_ax], k.shape[s_ax]
+    if hk != hq:
+        raise ValueError(
+            f"{where}: block-sparse attention is multi-head only: q has {hq} heads and k/v {hk}; expand k/v "
+            "with repeat_interleave for grouped-query attention"
+        )
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"{where}: head_dim {d} is above the block-sparse kernel's limit of {MAX_HEAD_DIM}")
+    if skv == 0 and sq > 0:
+        raise ValueError(f"{where}: k/v have an empty sequence; there is nothing to attend to")
+    if scale is not None and not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"{where}: scale must be a positive finite number, got {scale}")
+    if (layout.batch, layout.heads) != (b, hq):
+        raise ValueError(
+            f"{where}: the layout is for (batch, heads) = {(layout.batch, layout.heads)}, q has {(b, hq)}"
+        )
+    if layout.device != q.device:
+        raise ValueError(f"{where}: the layout is on {layout.device}, q on {q.device}; use layout.to(q.device)")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{where}: key_padding_mask must be a bool tensor (True = attend to this key)")
+        if tuple(key_padding_mask.shape) != (b, skv):
+            raise ValueError(
+                f"{where}: key_padding_mask must have shape (batch, kv_seq) = {(b, skv)}, got "
+                f"{tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"{where}: key_padding_mask is on another device than q")
+    for name, perm, s in (("q_perm", q_perm, sq), ("kv_perm", kv_perm, skv)):
+        if perm is None:
+            continue
+        if not isinstance(perm, torch.Tensor) or not _is_int(perm):
+            raise TypeError(f"{where}: {name} must be an integer tensor (B, H, S)")
+        if tuple(perm.shape) != (b, hq, s):
+            raise ValueError(
+                f"{where}: {name} must have shape (batch, heads, seq) = {(b, hq, s)}, got {tuple(perm.shape)}"
+            )
+        if perm.device != q.device:
+            raise ValueError(f"{where}: {name} is on {perm.device}, q on {q.device}")
+    return b, hq, sq, skv, d
+
+
+def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: str) -> bool:
+    """Range and consistency checks of the layout's (and permutations') values, with one host sync.
+
+    Returns whether the query blocks cover every query row (if not, uncovered rows must be zero-filled).
+    """
+    dev = layout.device
+    flags, messages = [], []
+
+    def add(ok, msg):
+        flags.append(ok.reshape(()))
+        messages.append(msg)
+
+    def blocks(start, length, block, seq, name):
+        add((length >= 0).all() & (length <= block).all(), f"{name} lengths must be in 0..{block}")
+        live = length > 0
+        add((~live | ((start >= 0) & (start.long() + length <= seq))).all(),
+            f"{name} blocks must lie inside the sequence of length {seq} (start >= 0, start + len <= {seq})")
+        # coverage count per row by a difference array; > 1 somewhere = overlapping blocks
+        st = torch.where(live, start.long(), seq).clamp(0, seq)
+        en = torch.where(live, start.long() + length, seq).clamp(0, seq)
+        diff = torch.zeros((*start.shape[:2], seq + 1), dtype=torch.int32, device=dev)
+        diff.scatter_add_(2, st, torch.ones_like(st, dtype=torch.int32))
+        diff.scatter_add_(2, en, -torch.ones_like(en, dtype=torch.int32))
+        cover = diff.cumsum(2)[..., :seq]
+        add((cover <= 1).all(), f"{name} blocks of one (batch, head) overlap")
+        return cover
+
+    cover_q = blocks(layout.q_start, layout.q_len, layout.block_m, sq, "query")
+    blocks(layout.k_start, layout.k_len, layout.block_n, skv, "KV")
+    maxk, nk = layout.kv_index.shape[3], layout.num_kv_blocks
+    add((layout.kv_count >= 0).all() & (layout.kv_count <= maxk).all(), f"kv_count must be in 0..MAXK={maxk}")
+    live = torch.arange(maxk, device=dev) < layout.kv_count[..., None]
+    idx = layout.kv_index
+    add((~live | ((idx >= 0) & (idx < nk))).all(), f"kv_index entries (the first kv_count) must be in 0..{nk - 1}")
+    safe = torch.where(live & (idx >= 0) & (idx < nk), idx, nk).long()
+    seen = torch.zeros((*idx.shape[:3], nk + 1), dtype=torch.int32, device=dev)
+    seen.scatter_add_(3, safe, torch.ones_like(safe, dtype=torch.int32))
+    add((seen[..., :nk] <= 1).all(), "a row of kv_index lists the same KV block twice")
+    for name, perm, s in (("q_perm", q_perm, sq), ("kv_perm", kv_perm, skv)):
+        if perm is None:
+            continue
+        ok_range = (perm >= 0) & (perm < s)
+        add(ok_range.all(), f"{name} values must be in 0..{s - 1}")
+        hits = torch.zeros(perm.shape, dtype=torch.int32, device=dev)
+        hits.scatter_add_(2, torch.where(ok_range, perm, 0).long(), torch.ones_like(perm, dtype=torch.int32))
+        add((hits == 1).all(), f"{name} must be a permutation of 0..{s - 1} for every (batch, head)")
+    covered = (cover_q >= 1).all() if sq > 0 else torch.ones((), dtype=torch.bool, device=dev)
+    values = torch.stack([*flags, covered.reshape(())]).tolist()
+    for ok, msg in zip(values[:-1], messages):
+        if not ok:
+            raise ValueError(f"{where}: invalid layout or permutation: {msg}")
+    return bool(values[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _to_bhsd(t: torch.Tensor, tensor_layout: str) -> torch.Tensor:
+    return t if tensor_layout == "BHSD" else t.transpose(1, 2)
+
+
+def _kernel_ok(device: torch.device, mode: str, dtype: torch.dtype) -> bool:
+    """Whether the Triton kernel runs this call: compiled on CUDA sm80+, interpreted on CPU when
+    ``TRITON_INTERPRET=1`` (quantized modes only; the interpreter's bf16 dot is broken, so not with BF16 PV)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0) and ops._triton_ok()
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and mode != "dense":
+        if mode == "int8-fp16" and reference.pv_dtype_for(dtype) == torch.bfloat16:
+            return False
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            return False
+        return True
+    return False
+
+
+def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v, out_bhsd, lse_bhs, covered):
+    """The Triton path (BHSD views in; writes ``out_bhsd``/``lse_bhs`` in the original order)."""
+    from sagevideo.kernels import block_sparse_attn, quantize
+
+    qp = None if q_perm is None else q_perm.to(torch.int32).contiguous()
+    kp = None if kv_perm is None else kv_perm.to(torch.int32).contiguous()
+    if not covered:  # rows in no query block are never visited by the kernel
+        out_bhsd.zero_()
+        if lse_bhs is not None:
+            lse_bhs.fill_(float("-inf"))
+    geometry = dict(
+        q_start=layout.q_start, q_len=layout.q_len, k_start=layout.k_start, k_len=layout.k_len,
+        kv_index=layout.kv_index, kv_count=layout.kv_count, block_m=layout.block_m, block_n=layout.block_n,
+    )
+    if mode == "dense":
+        block_sparse_attn.block_sparse_fwd(
+            "dense", qb, kb, vb, out_bhsd, **geometry, scale=scale, key_padding_mask=mask,
+            q_perm=qp, kv_perm=kp, lse_bhs=lse_bhs,
+        )
+        return
+    qkv = quantize.quantize_qkv(
+        qb, kb, vb, scale=scale, precision=mode, key_padding_mask=mask, smooth_v=smooth_v,
+        need_lse=lse_bhs is not None, q_gather=qp, kv_gather=kp,
+    )
+    block_sparse_attn.block_sparse_fwd(
+        mode, qkv, None, None, out_bhsd, **geometry, key_padding_mask=mask, q_perm=qp, kv_perm=kp, lse_bhs=lse_bhs,
+    )
+
+
+def _run_reference(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v, *, exact_dtype=torch.float32):
+    """Plain torch (BHSD, original order): ``(out fp32-or-exact_dtype, lse fp32)``."""
+    fn = _token_mask_fn(layout, qb.shape[2], kb.shape[2], q_perm, kv_perm, mask)
+    if mode == "dense":
+        out, lse = reference.attention_exact_masked(qb, kb, vb, fn, scale=scale, dtype=exact_dtype)
+        return out, lse.float()
+    qkv = reference.quantize_qkv(qb, kb, vb, scale=scale, precision=mode, key_padding_mask=mask, smooth_v=smooth_v)
+    return reference.quant_attention_masked(qkv, fn, out_dtype=torch.float32)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    tensor_layout: Literal["BHSD", "BSHD"] = "BHSD",
+    precision: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
+    smooth_v: bool = False,
+    check_layout: bool = True,
+):
+    """Attention restricted to the block pairs of ``layout``, optionally over token-permuted sequences.
+
+    Args:
+        q, k, v: ``(B, H, S, D)`` (``tensor_layout="BHSD"``) or ``(B, S, H, D)`` (``"BSHD"``); float16,
+            bfloat16 or float32; equal head counts (multi-head only); ``D <= 128``; any strides. Never modified.
+        layout: the blocks and block lists, in the permuted order (:func:`block_mask_to_layout`).
+        precision: ``"int8-fp8"``, ``"int8-fp16"``, ``"dense"`` or ``"auto"``, resolved as
+            :func:`sagevideo.ops.resolve_precision` does (``int8-fp8`` runs ``int8-fp16`` on sm80/86; ``auto``
+            is ``dense`` on CPU).
+        scale: softmax scale (``1/sqrt(D)`` when None).
+        return_lse: also return the natural-log LSE, fp32 ``(B, H, S_q)`` (for both tensor layouts), in the
+            original order.
+        key_padding_mask: bool ``(B, S_kv)``, True = attend, in the ORIGINAL order.
+        q_perm, kv_perm: integer ``(B, H, S_q)`` / ``(B, H, S_kv)``: row s of the permuted sequence is original
+            row ``perm[b, h, s]``. The layout's starts refer to the permuted sequences.
+        smooth_v: subtract V's per-channel mean before quantizing (quantized modes).
+        check_layout: check the layout's and permutations' values against the sequence lengths (one host
+            sync; ranges, overlapping blocks, repeated block ids, permutations). With False the layout is
+            trusted and the output is zero-filled first, in case some row is in no query block.
+
+    Returns:
+        The output (dtype and layout of ``q``, rows in the original order), or ``(out, lse)``. Query rows with
+        no attended key (all kept keys padded, no kept block, or in no query block) give 0 and LSE −inf.
+
+    Runs the Triton kernel on CUDA (sm80+), the interpreted kernel on CPU when ``TRITON_INTERPRET=1`` (quantized
+    modes), and otherwise :func:`block_sparse_reference`'s arithmetic (quantized modes through the torch
+    reference of the quantization; ``dense`` as exact masked attention computed in fp32).
+    """
+    where = "block_sparse_attention"
+    b, h, sq, skv, d = _validate(
+        q, k, v, layout, tensor_layout, precision, scale, key_padding_mask, q_perm, kv_perm, where
+    )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device) if return_lse else None
+    if q.numel() == 0:
+        return (out, lse) if return_lse else out
+    if layout.block_m > MAX_BLOCK_M:
+        raise ValueError(
+            f"{where}: query blocks of at most {MAX_BLOCK_M} rows are supported (one kernel program holds a "
+            f"whole query block), the layout has block_m={layout.block_m}"
+        )
+    covered = _check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout else False
+    scale = reference.default_scale(d) if scale is None else scale
+    qb, kb, vb = (_to_bhsd(t, tensor_layout) for t in (q, k, v))
+    out_bhsd = _to_bhsd(out, tensor_layout)
+    mode = ops.resolve_precision(precision, q.device, d)
+    if _kernel_ok(q.device, mode, q.dtype):
+        _run_kernel(
+            qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v, out_bhsd, lse, covered
+        )
+    else:
+        o, l = _run_reference(qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v)
+        out_bhsd.copy_(o)
+        if lse is not None:
+            lse.copy_(l)
+    return (out, lse) if return_lse else out
+
+
+def block_sparse_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    *,
+    tensor_layout: Literal["BHSD", "BSHD"] = "BHSD",
+    precision: str = "auto",
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    q_perm: torch.Tensor | None = None,
+    kv_perm: torch.Tensor | None = None,
+    smooth_v: bool = False,
+):
+    """Plain-torch block-sparse attention: the arguments and results of :func:`block_sparse_attention`.
+
+    Attention under the equivalent token mask (:func:`layout_token_mask` of the permuted sequences, mapped
+    back to the original order through the permutations, and the key padding), built one chunk of query rows
+    at a time. ``dense``: exact attention computed in fp32. Quantized modes: ``sagevideo.reference.quantize_qkv``
+    (the layout of the kernels; its statistics do not depend on the token order) then the masked tiled
+    attention ``sagevideo.reference.quant_attention_masked`` — the same arithmetic as the kernel, with KV
+    tiles walked in the original order rather than block by block, so P's rounding may differ slightly.
+    ``precision="auto"`` resolves as in the op.
+    """
+    where = "block_sparse_reference"
+    b, h, sq, skv, d = _validate(
+        q, k, v, layout, tensor_layout, precision, scale, key_padding_mask, q_perm, kv_perm, where
+    )
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=torch.float32, device=q.device)
+    if q.numel() > 0:
+        _check_data(layout, sq, skv, q_perm, kv_perm, where)
+        scale = reference.default_scale(d) if scale is None else scale
+        mode = ops.resolve_precision(precision, q.device, d)
+        qb, kb, vb = (_to_bhsd(t, tensor_layout) for t in (q, k, v))
+        o, l = _run_reference(qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v)
+        _to_bhsd(out, tensor_layout).copy_(o)
+        lse.copy_(l)
+    return (out, lse) if return_lse else out
