@@ -1,0 +1,329 @@
+"""``sparse_attention``: one entry point for the sparse methods, and the state they reuse across steps.
+
+Two methods choose which blocks of QKᵀ to compute, then :func:`sagevideo.sparse.blocks.block_sparse_attention`
+runs the (quantized) block-sparse kernel on the permuted sequence and returns rows in the original order:
+
+* ``"spatiotemporal"`` — Sparse VideoGen (arXiv 2502.01776): each (batch, head) is profiled online as spatial,
+  temporal or dense (:mod:`sagevideo.sparse.profiling`), then gets a frame band or a position-major
+  neighbourhood sized by ``density`` (:mod:`sagevideo.sparse.patterns`);
+* ``"semantic"`` — Sparse VideoGen2 (arXiv 2505.18875): k-means on Q and K, tokens sorted by cluster, cluster
+  pairs kept up to ``top_p`` of the estimated attention mass (:mod:`sagevideo.sparse.semantic`).
+
+Text tokens concatenated with the video (``text=(text_start, text_len)``, before or after it) stay dense.
+
+:class:`SparseState` (one per attention layer, owned by the caller) carries what is reused from one call to the
+next: head classes (re-profiled every ``profile_every`` steps), k-means centroids (warm start; re-clustered
+every ``kmeans_every`` steps), the last plan, and counters for reporting. It keeps one slot per input
+signature (batch, heads, shapes, grid, settings), so switching CFG batching on and off neither crashes nor
+mixes centroids of different batches.
+
+:func:`plan_sparse` only builds the plan (pattern search and permutations), so its cost can be timed apart from the
+kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any
+
+import torch
+
+from sagevideo.ops import _validate
+from sagevideo.sparse.patterns import (
+    SparsePlan,
+    plan_spatiotemporal,
+    spatiotemporal_maps,
+    token_layout,
+)
+from sagevideo.sparse.profiling import DEFAULT_SAMPLES, DEFAULT_TOLERANCE, profile_heads
+from sagevideo.sparse.semantic import (
+    DEFAULT_K_CLUSTERS,
+    DEFAULT_MIN_KC_RATIO,
+    DEFAULT_Q_CLUSTERS,
+    DEFAULT_TOP_P,
+    plan_semantic,
+)
+
+__all__ = ["METHODS", "SparsePlan", "SparseState", "plan_sparse", "sparse_attention"]
+
+METHODS = ("spatiotemporal", "semantic")
+DEFAULT_DENSITY = 0.25  # SVG1's "--sparsity 0.25", which is the kept fraction
+DEFAULT_KMEANS_ITERS = 2  # SVG2: warm-started rounds per call
+DEFAULT_KMEANS_INIT_ITERS = 50  # SVG2: rounds of the first (cold) call
+DEFAULT_BLOCK_M = 128
+DEFAULT_BLOCK_N = 64
+
+
+@dataclasses.dataclass
+class _Slot:
+    head_classes: torch.Tensor | None = None
+    profile_errors: torch.Tensor | None = None
+    profiled_at: int | None = None
+    q_centroids: torch.Tensor | None = None
+    k_centroids: torch.Tensor | None = None
+    clustered_at: int | None = None
+    plan: SparsePlan | None = None
+    calls: int = 0
+
+
+class SparseState:
+    """What one attention layer reuses across denoising steps (create one per layer and pass it every call).
+
+    Reading the attributes gives the values of the most recent call: ``head_classes`` ``(B, H)`` (0 dense,
+    1 spatial, 2 temporal) and ``profiled_at`` (the step, or call index, of that profiling); ``q_centroids`` /
+    ``k_centroids`` ``(B·H, C, D)``; ``plan`` (the last :class:`SparsePlan`). Counters: ``calls``,
+    ``profiles`` (profiling runs), ``clusterings`` (k-means runs), ``last_density`` (:meth:`report` adds the
+    mean over calls). ``max_slots`` input signatures are remembered (least recently used dropped).
+    """
+
+    def __init__(self, max_slots: int = 4):
+        if max_slots < 1:
+            raise ValueError("SparseState: max_slots must be ≥ 1")
+        self.max_slots = int(max_slots)
+        self._slots: collections.OrderedDict[tuple, _Slot] = collections.OrderedDict()
+        self._current: _Slot | None = None
+        self.calls = 0
+        self.profiles = 0
+        self.clusterings = 0
+        self.last_density: float | None = None
+        self._density_sum = 0.0
+
+    def reset(self) -> None:
+        """Forget every slot and counter."""
+        self.__init__(self.max_slots)
+
+    def _slot(self, key: tuple) -> _Slot:
+        slot = self._slots.pop(key, None) or _Slot()
+        self._slots[key] = slot
+        while len(self._slots) > self.max_slots:
+            self._slots.popitem(last=False)
+        self._current = slot
+        return slot
+
+    def __getattr__(self, name):
+        if name in ("head_classes", "profile_errors", "profiled_at", "q_centroids", "k_centroids", "plan"):
+            cur = self.__dict__.get("_current")
+            return None if cur is None else getattr(cur, name)
+        raise AttributeError(name)
+
+    def report(self) -> dict[str, Any]:
+        """Counters and, for the last call, the head-class histogram and the density (for logs and benches)."""
+        out: dict[str, Any] = {
+            "calls": self.calls,
+            "profiles": self.profiles,
+            "clusterings": self.clusterings,
+            "last_density": self.last_density,
+            "mean_density": self._density_sum / self.calls if self.calls else None,
+        }
+        cls = self.head_classes
+        if cls is not None:
+            out["heads"] = {name: int((cls == i).sum()) for i, name in enumerate(("dense", "spatial", "temporal"))}
+        return out
+
+
+def _due(last: int | None, now: int, every: int) -> bool:
+    return last is None or every <= 1 or now - last >= every or now < last
+
+
+def _check_common(method, density, top_p, block_m, block_n):
+    if method not in METHODS:
+        raise ValueError(f"sparse_attention: unknown method {method!r}; choose one of {METHODS}")
+    if not (0.0 < float(density) <= 1.0):
+        raise ValueError(f"sparse_attention: density must be in (0, 1], got {density}")
+    if not (0.0 < float(top_p) <= 1.0):
+        raise ValueError(f"sparse_attention: top_p must be in (0, 1], got {top_p}")
+    if block_m < 16 or block_n < 16:
+        raise ValueError(f"sparse_attention: block sizes must be ≥ 16, got {block_m}×{block_n}")
+
+
+def plan_sparse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    grid,
+    text: tuple[int, int] | None = None,
+    method: str = "spatiotemporal",
+    density: float = DEFAULT_DENSITY,
+    top_p: float = DEFAULT_TOP_P,
+    min_kc_ratio: float = DEFAULT_MIN_KC_RATIO,
+    q_clusters: int = DEFAULT_Q_CLUSTERS,
+    k_clusters: int = DEFAULT_K_CLUSTERS,
+    kmeans_iters: int = DEFAULT_KMEANS_ITERS,
+    kmeans_init_iters: int = DEFAULT_KMEANS_INIT_ITERS,
+    profile_samples: int = DEFAULT_SAMPLES,
+    tolerance: float = DEFAULT_TOLERANCE,
+    profile_every: int = 1,
+    kmeans_every: int = 1,
+    layout: str = "BHSD",
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    state: SparseState | None = None,
+    step: int | None = None,
+    seed: int = 0,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+) -> SparsePlan:
+    """The :class:`SparsePlan` (block layout and permutations) :func:`sparse_attention` would run, without
+    running attention. ``v`` is needed by ``"spatiotemporal"`` when it profiles. Arguments as in
+    :func:`sparse_attention`; with a ``state``, its caches are used and updated exactly as there."""
+    _check_common(method, density, top_p, block_m, block_n)
+    s_axis = 2 if layout == "BHSD" else 1
+    tl = token_layout(grid, q.shape[s_axis], text)
+    if k.shape[s_axis] != q.shape[s_axis]:
+        raise ValueError("sparse_attention: q and k/v must have the same sequence (joint self-attention)")
+    b, hq, hk = q.shape[0], q.shape[3 - s_axis], k.shape[3 - s_axis]
+    st = state if state is not None else SparseState()
+    if min(int(profile_every), int(kmeans_every), int(kmeans_iters), int(kmeans_init_iters)) < 1:
+        raise ValueError("sparse_attention: profile_every, kmeans_every and the k-means iterations must be ≥ 1")
+    # one slot per input signature and per setting that changes what is cached (window sizes, centroid shapes)
+    key = (method, b, hq, hk, q.shape[-1], tuple(tl.grid), tl.text_start, tl.text_len, str(q.device), block_m, block_n)
+    key += (float(density),) if method == "spatiotemporal" else (int(q_clusters), int(k_clusters))
+    slot = st._slot(key)
+    now = slot.calls if step is None else int(step)
+    slot.calls += 1
+
+    if method == "spatiotemporal":
+        maps = spatiotemporal_maps(tl, block_m=block_m, block_n=block_n, density=density)
+        if slot.head_classes is None or _due(slot.profiled_at, now, profile_every):
+            if v is None:
+                raise ValueError("sparse_attention: spatiotemporal profiling needs v")
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + now)
+            classes, errors = profile_heads(
+                q, k, v, tl, width=maps.width, radius=maps.radius, num_samples=profile_samples,
+                tolerance=tolerance, generator=gen, scale=scale, key_padding_mask=key_padding_mask,
+                tensor_layout=layout,
+            )
+            slot.head_classes, slot.profile_errors, slot.profiled_at = classes, errors, now
+            slot.plan = None
+            st.profiles += 1
+        if slot.plan is None:
+            slot.plan = plan_spatiotemporal(
+                slot.head_classes, tl, density=density, block_m=block_m, block_n=block_n, device=q.device
+            )
+            slot.plan.info["profile_errors"] = slot.profile_errors
+        return slot.plan
+
+    # semantic
+    selection = (float(top_p), float(min_kc_ratio), scale)
+    if slot.plan is not None and slot.plan.info.get("selection") == selection and not _due(
+        slot.clustered_at, now, kmeans_every
+    ):
+        return slot.plan
+    warm = slot.q_centroids is not None and slot.k_centroids is not None
+    gen = torch.Generator().manual_seed(int(seed))
+    p = plan_semantic(
+        q, k, tl, q_clusters=q_clusters, k_clusters=k_clusters,
+        iters=kmeans_iters if warm else kmeans_init_iters, top_p=top_p, min_kc_ratio=min_kc_ratio,
+        q_init=slot.q_centroids if warm else None, k_init=slot.k_centroids if warm else None,
+        generator=gen, scale=scale, block_m=block_m, block_n=block_n, tensor_layout=layout,
+    )
+    p.info["warm_start"] = warm
+    p.info["selection"] = selection
+    slot.q_centroids, slot.k_centroids = p.info["q_centroids"], p.info["k_centroids"]
+    slot.clustered_at = now
+    slot.plan = p
+    st.clusterings += 1
+    return p
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid,
+    text: tuple[int, int] | None = None,
+    method: str = "spatiotemporal",
+    density: float = DEFAULT_DENSITY,
+    top_p: float = DEFAULT_TOP_P,
+    min_kc_ratio: float = DEFAULT_MIN_KC_RATIO,
+    q_clusters: int = DEFAULT_Q_CLUSTERS,
+    k_clusters: int = DEFAULT_K_CLUSTERS,
+    kmeans_iters: int = DEFAULT_KMEANS_ITERS,
+    kmeans_init_iters: int = DEFAULT_KMEANS_INIT_ITERS,
+    profile_samples: int = DEFAULT_SAMPLES,
+    tolerance: float = DEFAULT_TOLERANCE,
+    profile_every: int = 1,
+    kmeans_every: int = 1,
+    precision: str = "auto",
+    layout: str = "BHSD",
+    scale: float | None = None,
+    return_lse: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    smooth_v: bool = False,
+    state: SparseState | None = None,
+    step: int | None = None,
+    seed: int = 0,
+    block_m: int = DEFAULT_BLOCK_M,
+    block_n: int = DEFAULT_BLOCK_N,
+    check_layout: bool = False,
+):
+    """Sparse (and optionally quantized) joint self-attention over video tokens plus optional text tokens.
+
+    Args:
+        q, k, v: ``(B, Hq, S, D)`` / ``(B, Hk, S, D)`` for ``layout="BHSD"``, ``(B, S, H, D)`` for ``"BSHD"``;
+            one dtype (fp16, bf16, fp32); ``Hq`` a multiple of ``Hk``; ``S = T·H·W + text_len``.
+        grid: post-patch video grid ``(T, H, W)``; video tokens frame-major.
+        text: ``(text_start, text_len)`` — before the video (``text_start=0``, CogVideoX) or right after it
+            (``text_start=T·H·W``, HunyuanVideo); None when the sequence is the video alone. Text stays dense.
+        method: ``"spatiotemporal"`` (SVG1) or ``"semantic"`` (SVG2).
+        density: spatiotemporal — fraction of video×video blocks a spatial / temporal head keeps (default 0.25,
+            SVG1's setting); 1.0 keeps everything.
+        top_p, min_kc_ratio: semantic — attention mass to keep per query cluster (0.9) and the least fraction
+            of key clusters kept (0.1), SVG2's defaults; ``top_p=1`` keeps everything.
+        q_clusters, k_clusters: semantic — clusters per (batch, head) (300 / 1000, SVG2 Wan 720p), clamped to
+            the number of video tokens.
+        kmeans_iters, kmeans_init_iters: k-means rounds when warm-started from ``state`` (2) and cold (50).
+        profile_samples, tolerance: spatiotemporal profiling rows (64, SVG1) and the relative-error limit
+            above which a head stays dense (0.5, ours).
+        profile_every, kmeans_every: with a ``state``, re-profile / re-cluster only every that many steps (1 =
+            every call); in between, the previous plan is reused.
+        precision: ``"auto"``, ``"int8-fp8"``, ``"int8-fp16"`` or ``"dense"`` (kernel arithmetic).
+        layout: ``"BHSD"`` or ``"BSHD"`` (of q, k, v and of the output).
+        scale: softmax scale, ``1/sqrt(D)`` when None.
+        return_lse: also return the natural-log LSE (fp32, ``(B, H, S)`` / ``(B, S, H)``).
+        key_padding_mask: bool ``(B, S)``, True = key takes part (text padding), in the original order.
+        smooth_v: passed to the kernel (subtract V's channel mean before quantizing).
+        state: a :class:`SparseState` to reuse head classes / centroids across calls; None = fresh each call.
+        step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None.
+        seed: seeds the profiling rows and the cold k-means initialisation (deterministic results).
+        block_m, block_n: query / key block sizes of the kernel.
+        check_layout: let ``block_sparse_attention`` validate the plan (one host sync; tests and debugging —
+            the plans built here are valid by construction).
+
+    Returns:
+        The output (q's dtype and layout), or ``(out, lse)`` when ``return_lse`` (LSE fp32, ``(B, H, S)`` for
+        BHSD and ``(B, S, H)`` for BSHD, as :func:`sagevideo.attention`). Grouped-query k/v are expanded to
+        the query heads before the kernel (it is multi-head only).
+    """
+    from sagevideo.sparse.blocks import block_sparse_attention
+
+    _validate(q, k, v, layout, precision, scale, key_padding_mask)
+    s_axis = 2 if layout == "BHSD" else 1
+    st = state if state is not None else SparseState()
+    p = plan_sparse(
+        q, k, v, grid=grid, text=text, method=method, density=density, top_p=top_p, min_kc_ratio=min_kc_ratio,
+        q_clusters=q_clusters, k_clusters=k_clusters, kmeans_iters=kmeans_iters,
+        kmeans_init_iters=kmeans_init_iters, profile_samples=profile_samples, tolerance=tolerance,
+        profile_every=profile_every, kmeans_every=kmeans_every, layout=layout, scale=scale,
+        key_padding_mask=key_padding_mask, state=st, step=step, seed=seed, block_m=block_m, block_n=block_n,
+    )
+    st.calls += 1
+    st.last_density = p.density
+    st._density_sum += p.density
+    if k.shape[3 - s_axis] != q.shape[3 - s_axis]:  # the block-sparse kernel is multi-head only
+        group = q.shape[3 - s_axis] // k.shape[3 - s_axis]
+        k = k.repeat_interleave(group, dim=3 - s_axis)
+        v = v.repeat_interleave(group, dim=3 - s_axis)
+    res = block_sparse_attention(
+        q, k, v, p.layout, tensor_layout=layout, precision=precision, scale=scale, return_lse=return_lse,
+        key_padding_mask=key_padding_mask, q_perm=p.q_perm, kv_perm=p.kv_perm, smooth_v=smooth_v,
+        check_layout=check_layout,
+    )
+    if not return_lse:
+        return res
+    out, lse = res
+    # sagevideo.attention's convention: LSE (B, H, S) for BHSD, (B, S, H) for BSHD
+    return out, (lse if layout == "BHSD" else lse.transpose(1, 2))

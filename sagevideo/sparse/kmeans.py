@@ -1,0 +1,143 @@
+"""Batched Euclidean k-means over many independent point sets at once (one per batch·head).
+
+Sparse VideoGen2 (Yang et al., "Sparse VideoGen2: Accelerate Video Generation with Sparse Attention via
+Semantic-Aware Permutation", arXiv 2505.18875) clusters the queries and the keys of every head with k-means
+at every sparse step, warm-starting from the previous step's centroids so that a couple of iterations suffice.
+This is Lloyd's algorithm, batched over the leading dimension:
+
+* init: ``k`` distinct points drawn with ``generator`` (or the given centroids: warm start);
+* assign: ``argmin_c ‖x − c‖² = argmin_c (‖c‖² − 2 x·c)``, in fp32 (fp64 for fp64 input), in chunks of points
+  so the ``N × chunk × k`` distance block stays under ``budget`` elements — never ``N × S × k`` at once;
+* update: per-cluster mean (scatter-add);
+* empty clusters are re-seeded deterministically: the ``e`` empty clusters of a set take, in cluster order,
+  the ``e`` points farthest from their assigned centroid (largest first, ties by lower index).
+
+The returned labels are those of the last assignment, the centroids those of the last update, and
+``sizes`` counts the labels (a re-seeded cluster can therefore have size 0 in the returned labels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+__all__ = ["KMeansResult", "init_centroids", "batched_kmeans"]
+
+
+@dataclasses.dataclass
+class KMeansResult:
+    """``labels`` int64 ``(N, S)``, ``centroids`` ``(N, k, D)`` (fp32, or fp64 for fp64 input), ``sizes``
+    int64 ``(N, k)``, ``iters`` (iterations run)."""
+
+    labels: torch.Tensor
+    centroids: torch.Tensor
+    sizes: torch.Tensor
+    iters: int
+
+
+def _work_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def init_centroids(x: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(N, k, D)``: ``k`` distinct points of each set, chosen by a random permutation from ``generator`` (the
+    same index choice for every set; ``generator`` lives on the CPU)."""
+    n, s, _ = x.shape
+    if not 0 < k <= s:
+        raise ValueError(f"k-means: need 0 < k <= number of points ({s}), got k={k}")
+    idx = torch.randperm(s, generator=generator)[:k].to(x.device)
+    return x[:, idx].to(_work_dtype(x))
+
+
+def _chunk_rows(n: int, k: int, s: int, budget: int) -> int:
+    return max(1, min(s, budget // max(1, n * k)))
+
+
+def _assign(x, centroids, budget):
+    """Labels ``(N, S)`` and squared distance to the assigned centroid ``(N, S)``."""
+    n, s, _ = x.shape
+    k = centroids.shape[1]
+    c_sq = (centroids * centroids).sum(-1)  # (N, k)
+    labels = torch.empty(n, s, dtype=torch.int64, device=x.device)
+    dist = torch.empty(n, s, dtype=centroids.dtype, device=x.device)
+    step = _chunk_rows(n, k, s, budget)
+    for i in range(0, s, step):
+        xc = x[:, i : i + step].to(centroids.dtype)
+        d = c_sq[:, None, :] - 2.0 * torch.matmul(xc, centroids.transpose(1, 2))  # (N, chunk, k)
+        best, lab = d.min(dim=-1)
+        labels[:, i : i + step] = lab
+        dist[:, i : i + step] = (best + (xc * xc).sum(-1)).clamp_min(0)
+    return labels, dist
+
+
+def _update(x, labels, dist, k, budget):
+    """New centroids (means; empty clusters re-seeded) and cluster sizes of ``labels``."""
+    n, s, d = x.shape
+    dtype = dist.dtype
+    sums = torch.zeros(n, k, d, dtype=dtype, device=x.device)
+    step = _chunk_rows(n, d, s, budget)
+    for i in range(0, s, step):
+        lab = labels[:, i : i + step]
+        sums.scatter_add_(1, lab[..., None].expand(-1, -1, d), x[:, i : i + step].to(dtype))
+    sizes = torch.zeros(n, k, dtype=torch.int64, device=x.device)
+    sizes.scatter_add_(1, labels, torch.ones_like(labels))
+    centroids = sums / sizes.clamp_min(1)[..., None].to(dtype)
+    empty = sizes == 0
+    if bool(empty.any()):
+        # the e empty clusters of a set take the e points farthest from their centroid, in cluster order
+        order = torch.sort(dist, dim=1, descending=True, stable=True).indices  # (N, S)
+        rank = (torch.cumsum(empty.to(torch.int64), dim=1) - 1).clamp_min(0)  # (N, k)
+        point = torch.gather(order, 1, rank)  # (N, k)
+        seeds = torch.gather(x, 1, point[..., None].expand(-1, -1, d)).to(dtype)
+        centroids = torch.where(empty[..., None], seeds, centroids)
+    return centroids, sizes
+
+
+def batched_kmeans(
+    x: torch.Tensor,
+    k: int,
+    *,
+    iters: int = 2,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    tol: float | None = None,
+    budget: int = 1 << 26,
+) -> KMeansResult:
+    """Lloyd's k-means on each of ``N`` point sets ``x`` ``(N, S, D)``, all sets at once.
+
+    Args:
+        x: points, any float dtype (distances are computed in fp32, fp64 for fp64 input).
+        k: clusters per set, ``1 ≤ k ≤ S``.
+        iters: assign/update rounds (≥ 1). SVG2 runs 50 on the first call and 2 when warm-started.
+        init: ``(N, k, D)`` starting centroids (warm start); drawn with ``generator`` when None.
+        generator: CPU generator for the initial choice (deterministic given its seed).
+        tol: stop early once no centroid moved more than ``tol`` (L2) — costs one host sync per round; None
+            (default) runs all ``iters`` rounds without syncing.
+        budget: most elements of one distance block (``N × chunk × k``).
+
+    Returns:
+        :class:`KMeansResult` — labels from the last assignment, centroids from the last update.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"k-means: x must be (N, S, D), got shape {tuple(x.shape)}")
+    if iters < 1:
+        raise ValueError(f"k-means: iters must be ≥ 1, got {iters}")
+    if init is None:
+        centroids = init_centroids(x, k, generator)
+    else:
+        if tuple(init.shape) != (x.shape[0], k, x.shape[2]):
+            raise ValueError(
+                f"k-means: init centroids must be (N, k, D) = {(x.shape[0], k, x.shape[2])}, got {tuple(init.shape)}"
+            )
+        centroids = init.to(device=x.device, dtype=_work_dtype(x))
+    done = 0
+    for _ in range(iters):
+        labels, dist = _assign(x, centroids, budget)
+        new, sizes = _update(x, labels, dist, k, budget)
+        done += 1
+        moved = None if tol is None else float((new - centroids).norm(dim=-1).max())
+        centroids = new
+        if moved is not None and moved <= tol:
+            break
+    return KMeansResult(labels, centroids, sizes, done)

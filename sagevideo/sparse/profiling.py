@@ -1,0 +1,142 @@
+"""Online per-head profiling: is each (batch, head) spatial, temporal, or neither?
+
+Sparse VideoGen (Xi et al., arXiv 2502.01776) classifies heads at run time from a handful of query rows:
+compute their exact attention output against all keys, and again with the spatial and with the temporal mask;
+the pattern whose output is closer to the exact one wins. We follow that, with two changes:
+
+* the error is the relative L2 error ``‖O_mask − O‖ / ‖O‖`` over the sampled rows of a (batch, head), and a
+  head whose best error is above ``tolerance`` stays dense (SVG always picks one of the two patterns);
+* the rows are drawn (seeded) from all video rows, not the first 10,000.
+
+The masks are the *token* patterns of :mod:`sagevideo.sparse.patterns` with the window sizes the runtime uses
+(the runtime keeps whole blocks, a superset, so its error is normally lower than the profiled one). Cost per
+(batch, head): ``O(samples · S · D)`` — a ``samples × S`` score matrix, never S×S; heads are processed in
+chunks so the fp32 scores stay under ``budget`` elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sagevideo.context import TokenLayout
+from sagevideo.reference import default_scale
+from sagevideo.sparse.patterns import (
+    HEAD_DENSE,
+    HEAD_SPATIAL,
+    HEAD_TEMPORAL,
+    spatial_token_keep,
+    temporal_token_keep,
+    video_coords,
+)
+
+__all__ = ["DEFAULT_SAMPLES", "DEFAULT_TOLERANCE", "sample_rows", "sampled_masks", "profile_heads"]
+
+DEFAULT_SAMPLES = 64  # SVG1 samples 64 query rows (32 for CogVideoX)
+DEFAULT_TOLERANCE = 0.5  # ours: relative output error above which a head stays dense (see profile_heads)
+
+
+def sample_rows(layout: TokenLayout, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``(n,)`` int64 sequence indices of ``n = min(num_samples, video tokens)`` distinct video rows, sorted."""
+    if num_samples <= 0:
+        raise ValueError(f"num_samples must be positive, got {num_samples}")
+    n = min(int(num_samples), layout.video_len)
+    rows = torch.randperm(layout.video_len, generator=generator)[:n]
+    return torch.sort(rows).values + layout.video_start
+
+
+def sampled_masks(layout: TokenLayout, rows: torch.Tensor, width: int, radius: int, device=None):
+    """Spatial and temporal token masks ``(n, S)`` bool of the query ``rows`` (sequence indices of video rows)
+    against every key; text keys are always kept (text stays dense)."""
+    s = layout.seq_len
+    rows = rows.to(device)
+    vq = rows - layout.video_start
+    tq, hq, wq = (c[:, None] for c in video_coords(layout.grid, vq))
+    keys = torch.arange(layout.video_len, device=device)
+    tk, hk, wk = (c[None, :] for c in video_coords(layout.grid, keys))
+    spatial = torch.ones(rows.shape[0], s, dtype=torch.bool, device=device)
+    temporal = torch.ones_like(spatial)
+    spatial[:, layout.video_slice] = spatial_token_keep(tq, tk, width)
+    temporal[:, layout.video_slice] = temporal_token_keep(hq, wq, hk, wk, radius)
+    return spatial, temporal
+
+
+def _masked_out(scores, mask, v):
+    """softmax(scores masked by ``mask``) @ v; rows with nothing left give 0."""
+    s = scores.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(torch.isinf(m), 0.0, m))
+    p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return torch.matmul(p, v)
+
+
+def profile_heads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: TokenLayout,
+    *,
+    width: int,
+    radius: int,
+    num_samples: int = DEFAULT_SAMPLES,
+    tolerance: float = DEFAULT_TOLERANCE,
+    generator: torch.Generator | None = None,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    tensor_layout: str = "BHSD",
+    budget: int = 1 << 25,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify every (batch, head) as dense (0), spatial (1) or temporal (2).
+
+    Args:
+        q, k, v: in ``tensor_layout`` (``"BHSD"`` or ``"BSHD"``); q heads a multiple of k/v heads (GQA).
+        layout: the sequence's :class:`TokenLayout` (grid, text position).
+        width, radius: spatial band (± frames) and temporal neighbourhood radius (positions) of the masks.
+        num_samples: query rows sampled from the video rows (default 64, as SVG1).
+        tolerance: a head whose best relative error exceeds it is dense. The default 0.5 is ours (SVG1 has no
+            dense fallback): it only catches heads where both patterns lose half of the output.
+        generator: CPU generator for the row sample (a fixed seed 0 when None).
+        scale: softmax scale (``1/sqrt(D)`` when None).
+        key_padding_mask: optional bool ``(B, S)``, True = key takes part.
+        budget: most fp32 score elements held at once (heads are chunked to stay under it).
+
+    Returns:
+        ``(classes, errors)``: int64 ``(B, H)`` and fp32 ``(B, H, 2)`` (relative L2 error of the spatial and
+        the temporal mask on the sampled rows).
+    """
+    if tensor_layout == "BSHD":
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    elif tensor_layout != "BHSD":
+        raise ValueError(f"tensor_layout must be 'BHSD' or 'BSHD', got {tensor_layout!r}")
+    b, hq, s, d = q.shape
+    hk = k.shape[1]
+    g = hq // hk
+    scale = default_scale(d) if scale is None else scale
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    rows = sample_rows(layout, num_samples, generator).to(q.device)
+    n = rows.shape[0]
+    spatial, temporal = sampled_masks(layout, rows, width, radius, q.device)
+    kpm = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    errors = torch.empty(b, hq, 2, dtype=torch.float32, device=q.device)
+    chunk = max(1, budget // max(1, b * g * n * s))
+    for h0 in range(0, hk, chunk):
+        h1 = min(hk, h0 + chunk)
+        qs = q[:, h0 * g : h1 * g, rows].float().reshape(b, h1 - h0, g * n, d)
+        kc = k[:, h0:h1].float()
+        vc = v[:, h0:h1].float()
+        scores = torch.matmul(qs, kc.transpose(-1, -2)) * scale  # (b, hc, g·n, s)
+        full_mask = torch.ones(1, 1, 1, s, dtype=torch.bool, device=q.device)
+        if kpm is not None:
+            full_mask = full_mask & kpm
+        ref = _masked_out(scores, full_mask, vc)
+        norm = ref.reshape(b, h1 - h0, g, n * d).norm(dim=-1).clamp_min(1e-30)
+        for i, mask in enumerate((spatial, temporal)):
+            m = mask.repeat(g, 1)[None, None] & full_mask
+            out = _masked_out(scores, m, vc)
+            err = (out - ref).reshape(b, h1 - h0, g, n * d).norm(dim=-1) / norm
+            errors[:, h0 * g : h1 * g, i] = err.reshape(b, (h1 - h0) * g)
+    errors = torch.nan_to_num(errors, nan=float("inf"))
+    best_err, best = errors.min(dim=-1)
+    classes = torch.where(best == 0, HEAD_SPATIAL, HEAD_TEMPORAL)
+    classes = torch.where(best_err <= tolerance, classes, HEAD_DENSE).to(torch.int64)
+    return classes, errors

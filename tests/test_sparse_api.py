@@ -1,0 +1,317 @@
+"""sparse_attention / plan / SparseState: exactness at full density, locality, text, state across calls."""
+
+import math
+
+import pytest
+import torch
+
+from sagevideo import attention
+from sagevideo.sparse import patterns as P
+from sagevideo.sparse.api import SparseState, plan_sparse, sparse_attention
+from sagevideo.sparse.blocks import (
+    block_mask_to_layout,
+    block_sparse_attention,
+    block_sparse_reference,
+    layout_token_mask,
+    uniform_blocks,
+)
+from sagevideo.sparse.semantic import invert_perm
+from sagevideo.testing import error_metrics
+
+SMALL = dict(block_m=16, block_n=16, check_layout=True)
+
+
+def _rand(b, h, s, d=16, seed=0, hk=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, s, d, generator=g)
+    k = torch.randn(b, hk or h, s, d, generator=g)
+    v = torch.randn(b, hk or h, s, d, generator=g)
+    return q, k, v
+
+
+def _field_qkv(grid, lengths, d=32, beta=6.0, noise=0.3, seed=0):
+    """Q = K = random Fourier features of the (t, h, w) coordinates with per-head length scales, plus noise:
+    q_i·k_j ≈ β·exp(−½‖(x_i − x_j)/ℓ‖²), so each head attends a neighbourhood of the grid (short ℓ_t: within
+    frames; short ℓ_h, ℓ_w: same place across frames). V is noise."""
+    g = torch.Generator().manual_seed(seed)
+    t, h, w = torch.meshgrid(*(torch.arange(n) for n in grid), indexing="ij")
+    x = torch.stack([t, h, w], -1).reshape(-1, 3).float()
+    feats = []
+    for ls in lengths:
+        omega = torch.randn(d // 2, 3, generator=g) / torch.tensor(ls)
+        phase = 2 * math.pi * torch.rand(d // 2, generator=g)
+        z = x @ omega.T + phase
+        feats.append(torch.cat([z.cos(), z.sin()], -1) * math.sqrt(2.0 / d * beta * math.sqrt(d)))
+    base = torch.stack(feats)[None]
+    sigma = noise * math.sqrt(beta / d)
+    q = base + sigma * torch.randn(base.shape, generator=g)
+    k = base + sigma * torch.randn(base.shape, generator=g)
+    v = torch.randn(base.shape, generator=g)
+    return q, k, v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Exactness when nothing is dropped
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["spatiotemporal", "semantic"])
+@pytest.mark.parametrize("text", [None, "first", "last"])
+def test_full_density_equals_dense(method, text):
+    grid, n_text = (3, 4, 5), 7
+    s = 60 + (n_text if text else 0)
+    tx = None if text is None else ((0, n_text) if text == "first" else (60, n_text))
+    q, k, v = _rand(2, 3, s, seed=1)
+    kpm = None
+    if text:
+        kpm = torch.ones(2, s, dtype=torch.bool)
+        kpm[1, tx[0] + 4 : tx[0] + n_text] = False  # padded text of the second prompt
+    out, lse = sparse_attention(
+        q, k, v, grid=grid, text=tx, method=method, density=1.0, top_p=1.0, q_clusters=5, k_clusters=8,
+        precision="dense", key_padding_mask=kpm, return_lse=True, **SMALL,
+    )
+    ref, ref_lse = attention(q, k, v, precision="dense", key_padding_mask=kpm, return_lse=True)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+
+
+def test_bshd_gqa_and_lse_layout_match_bhsd():
+    grid = (2, 3, 4)
+    q, k, v = _rand(1, 4, 24, seed=2, hk=2)
+    args = dict(
+        grid=grid, method="semantic", top_p=1.0, q_clusters=3, k_clusters=4, precision="dense", return_lse=True, **SMALL
+    )
+    out, lse = sparse_attention(q, k, v, **args)
+    out2, lse2 = sparse_attention(*(x.transpose(1, 2) for x in (q, k, v)), layout="BSHD", **args)
+    ref, ref_lse = attention(q, k, v, precision="dense", return_lse=True)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out2.transpose(1, 2), out, atol=1e-6, rtol=1e-6)
+    assert lse2.shape == (1, 24, 4)  # sagevideo.attention's BSHD convention
+    torch.testing.assert_close(lse2.transpose(1, 2), lse)
+
+
+def test_temporal_heads_permute_and_return_rows_in_original_order():
+    """All heads temporal at full density: the sequence really is permuted (position-major), and the output
+    still equals dense attention row for row."""
+    grid = (3, 2, 3)
+    layout = P.token_layout(grid, 18 + 4, (18, 4))
+    q, k, v = _rand(1, 2, 22, seed=3)
+    p = P.plan_spatiotemporal(torch.full((1, 2), P.HEAD_TEMPORAL), layout, density=1.0, block_m=4, block_n=4)
+    assert not torch.equal(p.q_perm[0, 0], torch.arange(22))
+    assert torch.equal(p.q_perm[0, 0, :18], P.position_major_perm(grid))
+    out = block_sparse_attention(q, k, v, p.layout, precision="dense", q_perm=p.q_perm, kv_perm=p.kv_perm)
+    torch.testing.assert_close(out, attention(q, k, v, precision="dense"), atol=2e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The spatiotemporal plan as a token mask
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_spatiotemporal_plan_covers_patterns_and_text_dense(text_first):
+    """Mapped back to the original order, each head's mask contains its token pattern (spatial band + sink,
+    or temporal neighbourhood), text rows and columns are all True, and a dense head keeps everything."""
+    grid, n_text = (4, 3, 5), 6
+    s = 60 + n_text
+    layout = P.token_layout(grid, s, (0, n_text) if text_first else (60, n_text))
+    classes = torch.tensor([[1, 2, 0], [2, 1, 1]])
+    p = P.plan_spatiotemporal(classes, layout, density=0.3, block_m=8, block_n=4)
+    w, r = p.info["width"], p.info["radius"]
+    mperm = layout_token_mask(p.layout, s, s)
+    perm = p.q_perm
+    inv = invert_perm(perm)
+    mask = mperm.gather(2, inv[..., None].expand(-1, -1, -1, s)).gather(3, inv[:, :, None, :].expand(-1, -1, s, -1))
+    t, hh, ww = P.video_coords(grid, torch.arange(60))
+    spatial = P.spatial_token_keep(t[:, None], t[None, :], w)
+    temporal = P.temporal_token_keep(hh[:, None], ww[:, None], hh[None, :], ww[None, :], r)
+    vs, ts = layout.video_slice, layout.text_slice
+    for b in range(2):
+        for h in range(3):
+            m = mask[b, h]
+            assert bool(m[ts].all()) and bool(m[:, ts].all())
+            c = int(classes[b, h])
+            if c == 0:
+                assert bool(m.all())
+            else:
+                pattern = spatial if c == 1 else temporal
+                assert bool(m[vs, vs][pattern].all())  # superset of the token pattern
+                assert m[vs, vs].float().mean() < 0.8  # and still sparse
+    assert 0.3 <= p.info["spatial_density"] and 0.3 <= p.info["temporal_density"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The methods work: locality inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _random_blocks_error(q, k, v, ref, density_per_head, seed=1):
+    b, h, s, _ = q.shape
+    qs, ql = uniform_blocks(b, h, s, 16)
+    ks, kl = uniform_blocks(b, h, s, 16)
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.rand(b, h, qs.shape[2], ks.shape[2], generator=g) < density_per_head.float()[..., None, None]
+    out = block_sparse_attention(q, k, v, block_mask_to_layout(qs, ql, ks, kl, keep, 16, 16), precision="dense")
+    return [error_metrics(out[:, i], ref[:, i])["rel_l2"] for i in range(h)]
+
+
+def test_spatiotemporal_error_small_on_local_inputs_and_far_below_random_blocks():
+    grid = (6, 8, 8)
+    q, k, v = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)])
+    ref = attention(q, k, v, precision="dense")
+    st = SparseState()
+    out = sparse_attention(q, k, v, grid=grid, density=0.25, precision="dense", state=st, **SMALL)
+    assert st.head_classes.tolist() == [[P.HEAD_SPATIAL, P.HEAD_TEMPORAL]]
+    dens = st.plan.info["density_per_head"][0]
+    assert bool((dens < 0.35).all())
+    err = [error_metrics(out[:, i], ref[:, i])["rel_l2"] for i in range(2)]
+    rnd = _random_blocks_error(q, k, v, ref, st.plan.info["density_per_head"])
+    for e, e_rnd in zip(err, rnd):
+        assert e < 0.25 and e_rnd > 0.8 and e < e_rnd / 4
+
+
+def test_semantic_error_small_on_local_inputs_and_far_below_random_blocks():
+    grid = (6, 8, 8)
+    q, k, v = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7), (1.0, 1.5, 1.5)])
+    ref = attention(q, k, v, precision="dense")
+    st = SparseState()
+    out = sparse_attention(
+        q, k, v, grid=grid, method="semantic", top_p=0.9, q_clusters=12, k_clusters=24, precision="dense",
+        state=st, **SMALL,
+    )
+    dens = st.plan.info["density_per_head"]
+    assert float(dens.mean()) < 0.6
+    err = [error_metrics(out[:, i], ref[:, i])["rel_l2"] for i in range(3)]
+    rnd = _random_blocks_error(q, k, v, ref, dens)
+    for e, e_rnd in zip(err, rnd):
+        assert e < 0.2 and e < e_rnd / 3
+
+
+def test_int8_fp16_sparse_close_to_dense_sparse():
+    """The quantized path runs the same plan: its output is close to the dense-arithmetic sparse output and
+    equals block_sparse_reference of that plan."""
+    grid = (3, 4, 4)
+    q, k, v = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)], d=16)
+    kw = dict(grid=grid, density=0.3, block_m=16, block_n=16)
+    st = SparseState()
+    quant = sparse_attention(q, k, v, precision="int8-fp16", state=st, **kw)
+    exact = sparse_attention(q, k, v, precision="dense", **kw)
+    assert error_metrics(quant, exact)["rel_l2"] < 0.03
+    p = st.plan
+    ref = block_sparse_reference(q, k, v, p.layout, precision="int8-fp16", q_perm=p.q_perm, kv_perm=p.kv_perm)
+    torch.testing.assert_close(quant, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_int8_fp16_semantic_with_text_through_kernel_path():
+    """fp16 inputs: with TRITON_INTERPRET=1 (conftest, no CUDA) this runs the Triton kernel through the
+    permutations of a semantic plan with text and padded text keys; it must match the plan's reference."""
+    grid, s = (2, 3, 4), 29
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, s, 16, generator=g).half() for _ in range(3))
+    kpm = torch.ones(1, s, dtype=torch.bool)
+    kpm[0, -2:] = False
+    st = SparseState()
+    out = sparse_attention(
+        q, k, v, grid=grid, text=(24, 5), method="semantic", q_clusters=3, k_clusters=5, top_p=0.7,
+        precision="int8-fp16", key_padding_mask=kpm, state=st, **SMALL,
+    )
+    p = st.plan
+    assert p.density < 1
+    ref = block_sparse_reference(
+        q, k, v, p.layout, precision="int8-fp16", q_perm=p.q_perm, kv_perm=p.kv_perm, key_padding_mask=kpm
+    )
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# State across calls
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_state_warm_start_and_cfg_batch_switch():
+    grid = (2, 3, 4)
+    kw = dict(grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense", **SMALL)
+    st = SparseState()
+    q2, k2, v2 = _rand(2, 2, 24, seed=4)
+    sparse_attention(q2, k2, v2, state=st, **kw)
+    assert st.plan.info["warm_start"] is False and st.plan.info["iters"] == 50
+    c2 = st.q_centroids
+    sparse_attention(q2, k2, v2, state=st, **kw)
+    assert st.plan.info["warm_start"] is True and st.plan.info["iters"] == 2
+    q1, k1, v1 = _rand(1, 2, 24, seed=5)  # CFG off: batch 1
+    out1 = sparse_attention(q1, k1, v1, state=st, **kw)
+    assert st.plan.info["warm_start"] is False and st.q_centroids.shape[0] == 2  # its own slot, B·H = 2
+    # same as a fresh state would give: nothing of the batch-2 slot leaked in
+    torch.testing.assert_close(out1, sparse_attention(q1, k1, v1, state=SparseState(), **kw))
+    sparse_attention(q2, k2, v2, state=st, **kw)  # back to batch 2: warm again from its own centroids
+    assert st.plan.info["warm_start"] is True and st.q_centroids.shape[0] == 4
+    assert c2.shape == st.q_centroids.shape
+    rep = st.report()
+    assert rep["calls"] == 4 and rep["clusterings"] == 4 and 0 < rep["last_density"] <= 1
+
+
+def test_profile_every_reuses_head_classes():
+    grid = (6, 8, 8)
+    q, k, v = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)])
+    st = SparseState()
+    for step in range(6):
+        sparse_attention(q, k, v, grid=grid, precision="dense", state=st, step=step, profile_every=3, **SMALL)
+    assert st.profiles == 2 and st.profiled_at == 3 and st.calls == 6
+    assert st.report()["heads"] == {"dense": 0, "spatial": 1, "temporal": 1}
+    # a new video (step back to 0) re-profiles
+    sparse_attention(q, k, v, grid=grid, precision="dense", state=st, step=0, profile_every=3, **SMALL)
+    assert st.profiles == 3
+
+
+def test_kmeans_every_reuses_plan_unless_selection_changes():
+    grid = (2, 3, 4)
+    q, k, v = _rand(1, 2, 24, seed=6)
+    kw = dict(grid=grid, method="semantic", q_clusters=3, k_clusters=6, precision="dense", **SMALL)
+    st = SparseState()
+    for step in range(4):
+        sparse_attention(q, k, v, state=st, step=step, kmeans_every=2, **kw)
+    assert st.clusterings == 2 and st.calls == 4
+    first = st.plan
+    sparse_attention(q, k, v, state=st, step=3, kmeans_every=2, top_p=0.3, **kw)  # another budget: new plan
+    assert st.clusterings == 3 and st.plan is not first and st.plan.density < first.density
+    assert st.plan.info["warm_start"] is True  # same slot: the centroids carried over
+
+
+def test_batch_entries_get_different_plans():
+    grid = (6, 8, 8)
+    a = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)], seed=0)
+    b = _field_qkv(grid, [(100.0, 0.7, 0.7), (0.3, 100.0, 100.0)], seed=1)
+    q, k, v = (torch.cat([x, y]) for x, y in zip(a, b))
+    p = plan_sparse(q, k, v, grid=grid, block_m=16, block_n=16)
+    assert p.info["head_classes"].tolist() == [[1, 2], [2, 1]]
+    assert torch.equal(p.q_perm[0, 1], p.q_perm[1, 0]) and not torch.equal(p.q_perm[0, 1], p.q_perm[0, 0])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(grid=(2, 3, 5)), "30 video tokens but the sequence has 24"),
+        (dict(grid=(2, 3, 4), text=(20, 8)), "outside the sequence"),
+        (dict(grid=(2, 3, 3), text=(6, 6)), "must come before the video"),
+        (dict(grid=(2, 3, 4), method="radial"), "unknown method"),
+        (dict(grid=(2, 3, 4), density=0.0), "density"),
+        (dict(grid=(2, 3, 4), method="semantic", top_p=1.5), "top_p"),
+        (dict(grid=(2, 3, 4), precision="fp4"), "precision"),
+    ],
+)
+def test_bad_input_errors(kwargs, match):
+    q, k, v = _rand(1, 2, 24)
+    with pytest.raises(ValueError, match=match):
+        sparse_attention(q, k, v, **kwargs)
+
+
+def test_cross_attention_refused():
+    q, _, _ = _rand(1, 2, 24)
+    _, k, v = _rand(1, 2, 30)
+    with pytest.raises(ValueError, match="same sequence"):
+        sparse_attention(q, k, v, grid=(2, 3, 4))

@@ -1,0 +1,120 @@
+"""Online head profiling (Sparse VideoGen): spatial / temporal / dense on constructed attention maps."""
+
+import pytest
+import torch
+
+from sagevideo.sparse import patterns as P
+from sagevideo.sparse.profiling import profile_heads, sample_rows
+
+GRID = (4, 3, 3)  # 36 video tokens
+D = 16
+
+
+def _onehot_head(index, dims, gain=8.0):
+    return gain * torch.nn.functional.one_hot(index, dims).float()
+
+
+def _constructed(order=("spatial", "temporal", "uniform"), n_text=0, text_first=False, seed=0):
+    """(1, 3, S, D) q, k, v: a head whose attention stays in the query's frame, one whose attention stays at the
+    query's position across frames, one with uniform attention (q = 0)."""
+    t, h, w = P.video_coords(GRID, torch.arange(36))
+    pos = h * GRID[2] + w
+    qs, ks = [], []
+    for kind in order:
+        if kind == "spatial":
+            x = torch.nn.functional.pad(_onehot_head(t, 4), (0, D - 4))
+            qs.append(x), ks.append(x)
+        elif kind == "temporal":
+            x = torch.nn.functional.pad(_onehot_head(pos, 9), (0, D - 9))
+            qs.append(x), ks.append(x)
+        else:
+            g = torch.Generator().manual_seed(seed + 1)
+            qs.append(torch.zeros(36, D)), ks.append(torch.randn(36, D, generator=g))
+    q, k = torch.stack(qs)[None], torch.stack(ks)[None]
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(1, len(order), 36, D, generator=g)
+    if n_text:
+        def add(x):
+            text = torch.randn(1, x.shape[1], n_text, D, generator=g)
+            return torch.cat([text, x] if text_first else [x, text], dim=2)
+
+        q, k, v = add(q), add(k), add(v)
+    return q, k, v
+
+
+def _layout(n_text=0, text_first=False):
+    if not n_text:
+        return P.token_layout(GRID, 36)
+    return P.token_layout(GRID, 36 + n_text, (0, n_text) if text_first else (36, n_text))
+
+
+def test_picks_spatial_temporal_dense_on_constructed_heads():
+    q, k, v = _constructed()
+    classes, errors = profile_heads(q, k, v, _layout(), width=0, radius=0, num_samples=16)
+    assert classes.tolist() == [[P.HEAD_SPATIAL, P.HEAD_TEMPORAL, P.HEAD_DENSE]]
+    assert errors[0, 0, 0] < 1e-3 and errors[0, 0, 1] > 0.5  # spatial head: its mask is exact, the other is not
+    assert errors[0, 1, 1] < 1e-3 and errors[0, 1, 0] > 0.5
+    assert errors[0, 2].min() > 0.5  # uniform attention loses half of its keys under either mask
+
+
+def test_batch_entries_profiled_independently():
+    """Batch 2 with the first two heads swapped in the second entry: the classes follow the content."""
+    a = _constructed(("spatial", "temporal", "uniform"))
+    b = _constructed(("temporal", "spatial", "uniform"))
+    q, k, v = (torch.cat([x, y]) for x, y in zip(a, b))
+    classes, _ = profile_heads(q, k, v, _layout(), width=0, radius=0, num_samples=16)
+    assert classes.tolist() == [[1, 2, 0], [2, 1, 0]]
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_text_and_padding_and_bshd(text_first):
+    q, k, v = _constructed(n_text=5, text_first=text_first)
+    layout = _layout(5, text_first)
+    kpm = torch.ones(1, 41, dtype=torch.bool)
+    kpm[0, layout.text_start + 3 :  layout.text_start + 5] = False
+    c1, e1 = profile_heads(q, k, v, layout, width=0, radius=0, num_samples=16, key_padding_mask=kpm)
+    c2, e2 = profile_heads(
+        *(x.transpose(1, 2) for x in (q, k, v)), layout, width=0, radius=0, num_samples=16, key_padding_mask=kpm,
+        tensor_layout="BSHD",
+    )
+    assert c1.tolist() == [[1, 2, 0]] and torch.equal(c1, c2)
+    torch.testing.assert_close(e1, e2)
+
+
+def test_errors_equal_brute_force_on_sampled_rows_with_gqa():
+    """The reported errors are the relative L2 errors of masked vs full attention on the sampled rows, with
+    grouped-query heads (2 query heads per key head), compared to an S×S computation."""
+    g = torch.Generator().manual_seed(3)
+    b, hq, hk, s = 2, 4, 2, 36
+    q = torch.randn(b, hq, s, D, generator=g)
+    k = torch.randn(b, hk, s, D, generator=g)
+    v = torch.randn(b, hk, s, D, generator=g)
+    layout = _layout()
+    rows = sample_rows(layout, 10, torch.Generator().manual_seed(5))
+    _, errors = profile_heads(
+        q, k, v, layout, width=1, radius=1, num_samples=10, generator=torch.Generator().manual_seed(5),
+        tolerance=10.0,
+    )
+    t, hh, ww = P.video_coords(GRID, torch.arange(s))
+    masks = [
+        P.spatial_token_keep(t[:, None], t[None, :], 1),
+        P.temporal_token_keep(hh[:, None], ww[:, None], hh[None, :], ww[None, :], 1),
+    ]
+    for bi in range(b):
+        for h in range(hq):
+            scores = (q[bi, h].double() @ k[bi, h // 2].double().T) / D**0.5
+            full = torch.softmax(scores, -1) @ v[bi, h // 2].double()
+            for i, m in enumerate(masks):
+                out = torch.softmax(scores.masked_fill(~m, float("-inf")), -1) @ v[bi, h // 2].double()
+                want = (out[rows] - full[rows]).norm() / full[rows].norm()
+                assert errors[bi, h, i].item() == pytest.approx(want.item(), rel=1e-4)
+
+
+def test_sample_rows_are_distinct_seeded_video_rows():
+    layout = _layout(7, text_first=True)
+    a = sample_rows(layout, 20, torch.Generator().manual_seed(0))
+    b = sample_rows(layout, 20, torch.Generator().manual_seed(0))
+    c = sample_rows(layout, 20, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.unique().numel() == 20 and int(a.min()) >= 7 and int(a.max()) < 43
+    assert sample_rows(layout, 1000).numel() == 36  # capped at the video rows
