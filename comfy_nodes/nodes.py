@@ -12,7 +12,7 @@ import logging
 import os
 
 from sagevideo import methods, profiles
-from sagevideo.config import AttentionConfig, Rule
+from sagevideo.config import AttentionConfig, Rule, method_config
 
 from .override import SageOverride
 
@@ -51,11 +51,13 @@ def parse_blocks(text: str) -> tuple[int, ...] | None:
 
 
 def build_config(mode: str = "auto", dense_warmup: float = 0.0, high_precision_blocks: str = "",
-                 profile: str = PROFILE_NONE, config_json: str = "") -> AttentionConfig:
+                 profile: str = PROFILE_NONE, config_json: str = "", family: str | None = None) -> AttentionConfig:
     """The schedule the node's widgets describe. ``config_json`` wins over ``profile``, which wins over the rest.
 
     Widgets: ``mode`` everywhere, except the first ``dense_warmup`` fraction of the steps (dense) and the blocks in
-    ``high_precision_blocks`` (int8-fp16, or dense when ``mode`` is already int8-fp16).
+    ``high_precision_blocks`` (int8-fp16, or dense when ``mode`` is already int8-fp16). A sparse ``mode`` with
+    both left empty gets the family's warm-up (``sagevideo.config.method_config``: quantized dense attention for
+    the first 10-20 % of steps and block 0), because sparse attention from the first step spoils the layout.
     """
     if (config_json or "").strip():
         return AttentionConfig.from_json(config_json)
@@ -63,10 +65,12 @@ def build_config(mode: str = "auto", dense_warmup: float = 0.0, high_precision_b
         return profiles.load(profile)
     if not 0.0 <= float(dense_warmup) <= 1.0:
         raise ValueError(f"dense_warmup is a fraction of the steps in [0, 1], got {dense_warmup}")
+    blocks = parse_blocks(high_precision_blocks)
+    if methods.get(mode).needs_warmup and dense_warmup == 0 and blocks is None:
+        return method_config(family, mode)
     rules = []
     if dense_warmup > 0:
         rules.append(Rule("dense", steps=(0.0, float(dense_warmup))))
-    blocks = parse_blocks(high_precision_blocks)
     if blocks is not None and mode != "dense":
         rules.append(Rule("dense" if mode == "int8-fp16" else "int8-fp16", layers=blocks))
     return AttentionConfig(default=mode, rules=tuple(rules))
@@ -110,11 +114,15 @@ class SageVideoAttention:
                 "mode": (_modes(), {"default": "auto", "tooltip":
                     "Attention method for self-attention. auto: INT8 QK + FP8 PV on Ada/Hopper (sm89+), "
                     "INT8 + FP16 PV on Ampere, ComfyUI's attention elsewhere. int8-fp8 / int8-fp16: force one. "
-                    "dense: ComfyUI's own attention (for A/B runs). Without a supported NVIDIA GPU every mode "
-                    "uses ComfyUI's attention."}),
+                    "dense: ComfyUI's own attention (for A/B runs). sparse-spatiotemporal / sparse-semantic: "
+                    "block-sparse quantized attention (Sparse VideoGen 1 / 2; Wan only - models whose latent grid "
+                    "is unknown here, such as HunyuanVideo, run them as auto). Without a supported NVIDIA GPU every "
+                    "mode uses ComfyUI's attention."}),
                 "dense_warmup": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
                     "Fraction of the sampling steps, from the start, that use ComfyUI's full-precision attention "
-                    "(e.g. 0.2 = first 20% of steps). 0 = quantized from the first step."}),
+                    "(e.g. 0.2 = first 20% of steps). 0 = quantized from the first step; for the sparse modes, 0 "
+                    "with no high_precision_blocks = the model family's warm-up (first 10-20% of steps and block 0 "
+                    "quantized dense)."}),
                 "high_precision_blocks": ("STRING", {"default": "", "tooltip":
                     "Comma-separated transformer block indices kept at higher precision (int8-fp16; dense when "
                     "mode is int8-fp16). Negative indices count from the end, e.g. '0,1,-1'. Empty = none."}),
@@ -143,8 +151,8 @@ class SageVideoAttention:
 
     def patch(self, model, mode="auto", dense_warmup=0.0, high_precision_blocks="", profile=PROFILE_NONE,
               config_json=""):
-        config = build_config(mode, dense_warmup, high_precision_blocks, profile, config_json)
         family = detect_family(model)
+        config = build_config(mode, dense_warmup, high_precision_blocks, profile, config_json, family)
         if config.family is not None and family is not None and config.family != family:
             raise ValueError(f"this attention config was written for {config.family!r} but the model is {family!r}")
         if family is None:

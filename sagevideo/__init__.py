@@ -20,6 +20,10 @@ _LAZY = {
     "load_pipeline": ("sagevideo.generate", "load_pipeline"),
     "AttentionConfig": ("sagevideo.config", "AttentionConfig"),
     "Rule": ("sagevideo.config", "Rule"),
+    "sparse_attention": ("sagevideo.sparse.api", "sparse_attention"),
+    "SparseState": ("sagevideo.sparse.api", "SparseState"),
+    "block_sparse_attention": ("sagevideo.sparse.blocks", "block_sparse_attention"),
+    "method_config": ("sagevideo.config", "method_config"),
     "profiles": ("sagevideo.profiles", None),
     "metrics": ("sagevideo.metrics", None),
 }

@@ -11,8 +11,9 @@ A method is a callable ``fn(q, k, v, ctx) -> (out, lse)``:
 * it returns the output in the input layout and dtype, and the natural-log LSE (fp32, ``(B, H, S)`` for
   BHSD, ``(B, S, H)`` for BSHD) when ``ctx.return_lse`` (ring attention merges chunks with it), else None.
 
-The built-in methods wrap :func:`sagevideo.attention` (``dense``, ``int8-fp16``, ``int8-fp8``, ``auto``). The
-sparse-attention issue adds its methods with :func:`register` — one more choice per (step, layer, head).
+The built-in methods wrap :func:`sagevideo.attention` (``dense``, ``int8-fp16``, ``int8-fp8``, ``auto``) and
+:func:`sagevideo.sparse_attention` (``sparse-spatiotemporal``, ``sparse-semantic``; ``sagevideo/sparse/scheduled.py``).
+Other code adds methods with :func:`register` — one more choice per (step, layer, head).
 
 ``cost`` is a rough relative cost (dense = 1) used only to rank candidates in calibration; it comes from
 published kernel throughputs on Hopper (SageAttention2 INT8/FP8 ≈ 1.8× FlashAttention2 bf16, INT8/FP16 ≈ 1.3×),
@@ -157,4 +158,38 @@ register(Method(
 register(Method(
     "auto", _precision_method("auto"), cost=0.55, params={"smooth_v": False},
     description="int8-fp8 on sm89+, int8-fp16 on sm80/86, dense on CPU and older GPUs",
+))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sparse methods (sagevideo.sparse): block-sparse kernels in the same precisions
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _sparse_method(name: str):
+    def run(q, k, v, ctx):
+        from sagevideo.sparse import scheduled
+
+        return scheduled.run(name, q, k, v, ctx)
+
+    run.__name__ = name.replace("-", "_")
+    return run
+
+
+def _sparse_params(name: str) -> dict:
+    from sagevideo.sparse.scheduled import PARAMS
+
+    return PARAMS[name]
+
+
+# cost: the kept fraction times the quantized kernel's (density 0.25 / top-p 0.9 keep roughly a quarter)
+register(Method(
+    "sparse-spatiotemporal", _sparse_method("sparse-spatiotemporal"), cost=0.2,
+    params=_sparse_params("sparse-spatiotemporal"), row_local=False, needs_warmup=True,
+    description="spatial/temporal heads profiled online, block-sparse quantized kernel (Sparse VideoGen)",
+))
+register(Method(
+    "sparse-semantic", _sparse_method("sparse-semantic"), cost=0.2,
+    params=_sparse_params("sparse-semantic"), row_local=False, needs_warmup=True,
+    description="k-means token permutation with a top-p block budget, quantized kernel (Sparse VideoGen 2)",
 ))

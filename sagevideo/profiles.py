@@ -11,7 +11,9 @@ model; ``sagevideo.calibrate`` writes one for your model.
 * ``warmup`` — dense for the first 20 % of steps (Sparse VideoGen's dense warm-up), int8-fp16 in layers 0–1,
   int8-fp8 elsewhere;
 * ``edges-fp16`` — int8-fp16 for the first and last 10 % of steps (SageAttention3), int8-fp8 in between;
-* ``dense`` — dense SDPA through the same op, for A/B runs.
+* ``dense`` — dense SDPA through the same op, for A/B runs;
+* ``sparse-spatiotemporal`` / ``sparse-semantic`` — the sparse methods (Sparse VideoGen 1 / 2) after a quantized
+  warm-up of 20 % of the steps and layer 0 (``sagevideo.config.method_config(None, name)``).
 
 Profiles are looked up in ``sagevideo/assets/profiles`` (an installed wheel) and in ``assets/profiles`` at the
 repository root (a source checkout). Per-model *defaults* (``sagevideo.default_config(family)``) live in the

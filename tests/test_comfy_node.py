@@ -444,3 +444,26 @@ def test_override_survives_deepcopy_of_model_options():
     copied = copy.deepcopy(patched.model_options)
     assert copied["transformer_options"]["optimized_attention_override"] is \
         patched.model_options["transformer_options"]["optimized_attention_override"]
+
+
+def test_sparse_mode_uses_comfy_grid_and_keeps_state_in_the_override():
+    from sagevideo.sparse.api import sparse_attention
+
+    q, k, v = _qkv(b=1, h=2, s=48, d=32)
+    params = {"precision": "dense", "top_p": 0.5, "q_clusters": 4, "k_clusters": 6, "block_m": 16, "block_n": 16}
+    ov = SageOverride(AttentionConfig(default="sparse-semantic", default_params=params), allow_cpu=True,
+                      family="wan")
+    out = _call(ov, q, k, v, 2, options=_options(step=2, grid=(3, 4, 4)), skip_reshape=True,
+                skip_output_reshape=True)
+    kw = {key: val for key, val in params.items()}
+    want = sparse_attention(q, k, v, grid=(3, 4, 4), method="semantic", seed=0, **kw)
+    torch.testing.assert_close(out, want)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert (out - dense).abs().max() > 1e-4  # really sparse
+    (state,) = ov.store.values()
+    assert state.calls == 1 and state.last_density < 1.0
+    # without a grid (e.g. HunyuanVideo in ComfyUI) the mode runs the dense op of its precision instead
+    ov2 = SageOverride(AttentionConfig(default="sparse-semantic", default_params=params), allow_cpu=True)
+    out2 = _call(ov2, q, k, v, 2, options=_options(step=2), skip_reshape=True, skip_output_reshape=True)
+    torch.testing.assert_close(out2, dense, atol=1e-5, rtol=1e-5)
+    assert ov2.store == {}
