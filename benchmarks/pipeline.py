@@ -9,7 +9,11 @@ length, a mid-trajectory timestep). For every mode, in the same process:
 
 * ``sdpa`` — the unpatched model (diffusers' native backend: PyTorch SDPA, flash/cuDNN);
 * ``patched-dense`` — patched by sagevideo with the ``dense`` method (the cost of the patch machinery and guard);
-* ``int8-fp16`` / ``int8-fp8`` — patched with that method for every DiT self-attention call.
+* ``int8-fp16`` / ``int8-fp8`` — patched with that method for every DiT self-attention call;
+* ``sparse-spatiotemporal`` / ``sparse-semantic`` — every layer sparse with the method's defaults (``auto``
+  precision), i.e. one forward of a step after the warm-up; profiling / k-means and permutation are inside the
+  timed forward (cold on the warm-up forward, warm-started after). The big models' default lists leave them
+  out: ask for them with ``--modes``.
 
 Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward
 with every block list cut to its first block (each attention call site runs at its real shape, so SDPA backend
@@ -72,7 +76,9 @@ MODELS = {
         default_modes=("sdpa", "int8-fp16", "int8-fp8"),  # ~30-50 s per forward
     ),
 }
-MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8")
+# the sparse modes run every layer sparse (a "sparse step": the warm-up steps and layer are not in one forward),
+# int8-fp8, planning (profiling / k-means + permutation) included in the timed forward
+MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotemporal", "sparse-semantic")
 
 
 def _params(cfg: dict) -> int:

@@ -8,6 +8,9 @@ For each shape, in one process and on the same inputs:
 
 * ``sdpa-cudnn``: torch SDPA with the cuDNN backend (bf16), the reference speed;
 * ``sagevideo int8-fp8``: the dense quantized op ``sagevideo.attention`` (quantization included);
+* ``plan <method>`` / ``sparse_attention <method>``: the sparse methods' pattern search + permutation alone
+  (warm state, as in every step after the first; its share of one SDPA-cuDNN call is the overhead figure), and
+  the whole ``sagevideo.sparse_attention`` call in ``int8-fp8`` with the method's default parameters;
 * ``sparse <precision> d=<density>``: ``sagevideo.sparse.blocks.block_sparse_attention`` at densities 1.0, 0.5,
   0.3, 0.15, 0.10, 0.05, INCLUDING the quantization pass, which reads the tokens through a permutation
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
@@ -263,10 +266,36 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
                 note=f"perm {perm_kind}; incl. quantization + layout check; layout built in "
                      f"{build_ms:.0f} ms (not timed)")
         del layout, mask_rows
+
+    # the methods end to end: pattern search + permutation (plan_sparse, warm state as in steps after the first)
+    # and the whole sparse_attention call, with each method's default parameters
+    from sagevideo.sparse.api import SparseState, plan_sparse, sparse_attention
+
+    text = (s - extra, extra) if extra else None
+    for method, kw in (("spatiotemporal", {}), ("semantic", {"q_clusters": 4, "k_clusters": 8} if smoke else {})):
+        kw = dict(kw, grid=grid, text=text, method=method, block_m=block, block_n=64 if not smoke else block)
+        state = SparseState()
+        step = iter(range(1, 10**6))
+        plan0 = plan_sparse(*sets[0], state=state, step=0, **kw)  # cold: 50 k-means rounds / first profile
+
+        def plan(x, kw=kw):
+            return plan_sparse(*x, state=state, step=next(step), **kw)
+
+        plan_ms = measure(plan, sets, warmup=warmup, reps=reps, cuda=cuda)
+        density = state.plan.density if state.plan is not None else plan0.density
+
+        def full(x, kw=kw):
+            return sparse_attention(*x, state=state, step=next(step), precision="int8-fp8", **kw)
+
+        add(f"plan {method}", density, plan_ms, note="pattern search + permutation only (warm state)")
+        add(f"sparse_attention {method}", density, measure(full, sets, warmup=warmup, reps=reps, cuda=cuda),
+            full(sets[0]), note="int8-fp8, planning included")
     cudnn = next((r.ms for r in results if r.provider == sdpa_name and r.ms == r.ms), None)
     for r in results:
         if cudnn and r.ms == r.ms:
             r.vs_cudnn = cudnn / r.ms
+            if r.provider.startswith("plan "):  # the overhead target: ≤ 3 % of one dense cuDNN call
+                r.note += f"; {100 * r.ms / cudnn:.1f} % of one SDPA-cuDNN call"
     del sets, q0, k0, v0
     if cuda:
         torch.cuda.empty_cache()
