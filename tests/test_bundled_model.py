@@ -9,7 +9,8 @@
 
 Videos for the conditioning checks are 17x128x128 (a trained size, 320 video tokens) at 16 steps, so
 the file runs in well under two minutes on two cores. All tests skip while the asset has not been
-trained yet (``python -m sagevideo.recipes.tiny_wan.train`` on a GPU, then ``...tiny_wan.assemble``).
+trained yet (``python -m sagevideo.recipes.tiny_wan.train`` on a GPU, then ``...tiny_wan.assemble``); the
+recipe itself is tested on the CPU by ``tests/test_tiny_wan_recipe.py``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ ASSET = Path(os.environ.get("SAGEVIDEO_TINY_WAN_PATH", Path(__file__).resolve().
 
 pytestmark = pytest.mark.skipif(
     not (ASSET / "model_index.json").exists(),
-    reason=f"{ASSET} holds no trained pipeline yet: run `python -m sagevideo.recipes.tiny_wan.train` on a GPU, "
-    "then `python -m sagevideo.recipes.tiny_wan.assemble --from OUT --to assets/tiny-wan`",
+    reason=f"{ASSET} holds no trained pipeline yet: train it on a GPU with "
+    "`python -m sagevideo.recipes.tiny_wan.train` (the two jobs in that module's docstring), then `python -m sagevideo.recipes.tiny_wan.assemble --from OUT "
+    "--to assets/tiny-wan`",
 )
 
 FRAMES, HEIGHT, WIDTH = 17, 128, 128

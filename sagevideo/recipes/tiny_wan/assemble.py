@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import textwrap
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from sagevideo.recipes.tiny_wan import (DEFAULT_FRAMES, DEFAULT_GUIDANCE, DEFAUL
                                         DEFAULT_WIDTH, dtype_kwarg)
 from sagevideo.recipes.tiny_wan import data as D
 from sagevideo.recipes.tiny_wan import model as M
+from sagevideo.recipes.tiny_wan.train import PRESETS
 
 
 def load_trained(out_dir: str | os.PathLike):
@@ -48,13 +50,17 @@ def load_trained(out_dir: str | os.PathLike):
 
 
 def measure_cpu_generation(path: str | os.PathLike, threads: int | None = 2) -> dict:
-    """Wall time of one default-size generation (20 steps, CFG) on the CPU, and its latent-only part."""
+    """Wall time of one default-size generation (default steps, CFG) on the CPU, and its latent-only part.
+
+    The machine's 1-minute load average before the run is recorded too: on a shared machine other
+    processes competing for the cores make the time longer."""
     from diffusers import WanPipeline
 
     if threads:
         torch.set_num_threads(threads)
-    pipe = WanPipeline.from_pretrained(str(path), **dtype_kwarg(torch.float32))
+    pipe = WanPipeline.from_pretrained(str(path), local_files_only=True, **dtype_kwarg(torch.float32))
     pipe.set_progress_bar_config(disable=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     kw = dict(prompt=D.heldout_prompts()[0]["prompt"], num_frames=DEFAULT_FRAMES, height=DEFAULT_HEIGHT,
               width=DEFAULT_WIDTH, num_inference_steps=DEFAULT_STEPS, guidance_scale=DEFAULT_GUIDANCE)
     t = time.time()
@@ -65,7 +71,8 @@ def measure_cpu_generation(path: str | os.PathLike, threads: int | None = 2) -> 
     total_s = time.time() - t
     return {"threads": torch.get_num_threads(), "total_s": round(total_s, 1), "denoise_s": round(latent_s, 1),
             "decode_s": round(total_s - latent_s, 1), "frames": DEFAULT_FRAMES, "height": DEFAULT_HEIGHT,
-            "width": DEFAULT_WIDTH, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE}
+            "width": DEFAULT_WIDTH, "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE,
+            "load_average": None if load is None else round(load, 2), "cpu_count": os.cpu_count()}
 
 
 def assemble(out_dir, dest, measure_cpu: bool = True, threads: int | None = 2) -> dict:
@@ -79,9 +86,8 @@ def assemble(out_dir, dest, measure_cpu: bool = True, threads: int | None = 2) -
                          f"transformer done={state['dit']['done']}); resume it first")
     pipe = M.assemble_pipeline(tok, te, vae, dit)
     sizes = M.save_pipeline(pipe, dest)
-    # check it loads offline and runs
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    loaded = WanPipeline.from_pretrained(str(dest))
+    # check it loads from the folder alone and runs
+    loaded = WanPipeline.from_pretrained(str(dest), local_files_only=True, **dtype_kwarg(torch.float32))
     loaded.set_progress_bar_config(disable=True)
     out = loaded(prompt=D.heldout_prompts()[0]["prompt"], num_frames=5, height=32, width=32,
                  num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").frames
@@ -113,6 +119,12 @@ PHOTO_LICENCES = {
 }
 
 
+def _sci(x: float) -> str:
+    """8e-4 rather than 0.0008."""
+    mant, exp = f"{x:.0e}".split("e")
+    return f"{mant}e{int(exp)}"
+
+
 def _curve_summary(tsv: str) -> list[str]:
     rows = [r.split("\t") for r in tsv.strip().splitlines()[1:] if r.strip()]
     lines = []
@@ -141,6 +153,21 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
     def p(name, default):
         return f"{params[name] / 1e6:.2f} M" if name in params else default
 
+    full = PRESETS["full"]
+    if state:
+        trained_min = (state["vae"].get("seconds", 0.0) + state["dit"].get("seconds", 0.0)) / 60.0
+        n_calls = len(state.get("calls", []))
+        env0 = state.get("calls", [{}])[0].get("environment", {})
+        gpu = env0.get("gpu", env0.get("device", "?"))
+        trained = (f"trained from scratch in {trained_min:.0f} minutes of training on one {gpu} "
+                   f"({n_calls} job{'s' if n_calls != 1 else ''})")
+    else:
+        trained = "trained from scratch in about a quarter of an hour of one H100 (two jobs of under ten minutes)"
+    opening = (f"A very small text-to-video model in the Wan 2.1 architecture, {trained}, on procedurally generated "
+               "captioned clips. It ships inside sagevideo so that `sagevideo generate` makes a real video on a CPU "
+               "with no downloads, and so the tests have a model whose attention has real spatial and temporal "
+               "structure. It is a test and demonstration model: it draws coloured shapes moving over plain "
+               "backgrounds and pans over a handful of photographs, nothing else.")
     lines = [
         "---",
         "license: apache-2.0",
@@ -151,12 +178,7 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "",
         "# tiny-wan",
         "",
-        "A very small text-to-video model in the Wan 2.1 architecture, trained from scratch in about eight",
-        "minutes of one H100 on procedurally generated captioned clips. It ships inside sagevideo so that",
-        "`sagevideo generate` makes a real video on a CPU with no downloads, and so the tests have a model",
-        "whose attention has real spatial and temporal structure. It is a test and demonstration model: it",
-        "draws coloured shapes moving over plain backgrounds and pans over a handful of photographs, nothing",
-        "else.",
+        *textwrap.wrap(opening, 100),
         "",
         "```python",
         "import torch",
@@ -209,19 +231,33 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "",
         "## Recipe",
         "",
-        "`python -m sagevideo.recipes.tiny_wan.train --out OUT --seed 0 --vae-minutes 2.5 --dit-minutes 5.2 "
-        "--total-minutes 8.4 --device cuda`, then `python -m sagevideo.recipes.tiny_wan.assemble --from OUT "
-        "--to assets/tiny-wan`.",
+        "Two GPU jobs of under ten minutes each (the script resumes from its own checkpoints):",
         "",
-        "1. VAE: AdamW (lr 8e-4, warmup, linear cool-down over the last 20%), batch 32 clips of 9 frames,",
-        "   128x128 crops of 256x256 renders, bf16 autocast; loss L1 + L2 + 0.5 x image-gradient L1 +",
+        "```bash",
+        "python -m sagevideo.recipes.tiny_wan.train --out RUN1 --seed 0 --device cuda \\",
+        "    --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4",
+        "python -m sagevideo.recipes.tiny_wan.train --resume RUN1 --out RUN2 --seed 0 --device cuda \\",
+        "    --more-dit-minutes 7.4 --total-minutes 8.4",
+        "python -m sagevideo.recipes.tiny_wan.assemble --from RUN2 --to assets/tiny-wan",
+        "```",
+        "",
+        "The first job trains the VAE and then the text encoder + transformer to a complete model; the second",
+        "trains the text encoder + transformer further (learning-rate re-warmup, then a second cool-down).",
+        "",
+        f"1. VAE: AdamW (lr {_sci(full['vae_lr'])}, warmup {full['vae_warmup']}, linear cool-down over the last 20%), "
+        f"batch {full['vae_batch']} clips of {full['vae_frames']} frames,",
+        f"   {full['vae_crop']}x{full['vae_crop']} crops of {full['vae_render']}x{full['vae_render']} renders, "
+        "bf16 autocast; loss L1 + L2 + 0.5 x image-gradient L1 +",
         "   1e-4 x KL, through the VAE's own causal chunked encode/decode. Then per-channel latent mean/std",
         "   (stored in the VAE config as `latents_mean`/`latents_std`, which WanPipeline uses).",
         "2. Text encoder + transformer, jointly from scratch: rectified flow (`x_t = (1-s) x0 + s noise`,",
         "   timestep `1000 s`, target `noise - x0`), noise levels logit-normal/uniform with shift 2, AdamW",
-        "   (lr 5e-4, weight decay 0.01, warmup 200, cool-down over the last 20%), grad clip 1, bf16",
+        f"   (lr {_sci(full['dit_lr'])}, weight decay 0.01, warmup {full['dit_warmup']}, cool-down over the last 20%), "
+        "grad clip 1, bf16",
         "   autocast, 10% of captions replaced by the empty prompt (the pipeline's default negative prompt)",
-        "   for classifier-free guidance. Batches: 80% 32 clips of 33x256x256, 20% 64 clips of 17x128x128;",
+        "   for classifier-free guidance. Batches: " + ", ".join(
+            f"{b['weight']:.0%} {b['batch']} clips of {b['frames']}x{b['height']}x{b['width']}"
+            for b in full["dit_buckets"]) + ";",
         "   each VAE-encoded batch serves 1-6 steps with fresh noise (chosen from the measured cost of",
         "   rendering + encoding against a transformer step). The conditioning is exactly the pipeline's",
         "   (text states zero-padded to 512 positions), computed in a compact equivalent form: the identical",
@@ -244,6 +280,7 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
             f"* seed {state['seed']}; VAE {v['step']} steps in {v['seconds'] / 60:.1f} min; text encoder + "
             f"transformer {d['step']} steps in {d['seconds'] / 60:.1f} min"
             + (" (stopped by its time budget before the planned end)" if d.get("stopped_by_budget") else ""),
+            *[f"* job {i + 1}: `train {' '.join(c.get('argv', []))}`" for i, c in enumerate(state.get("calls", []))],
         ]
         if d.get("measured_ms"):
             lines += [f"* transformer step {d['measured_ms']['train_per_step']} ms, render + encode "
@@ -271,7 +308,9 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         lines += [f"* VAE reconstruction PSNR on held-out clips: {pend}"]
     if state and state.get("eval"):
         for size, r in state["eval"].items():
-            lines += [f"* Held-out prompts at {size}, {r['steps']} steps, guidance {r['guidance']} (GPU): dominant "
+            where = state.get("calls", [{}])[-1].get("environment", {})
+            where = where.get("gpu", where.get("device", "?"))
+            lines += [f"* Held-out prompts at {size}, {r['steps']} steps, guidance {r['guidance']} ({where}): dominant "
                       f"hue nearest the stated colour in **{r['colour_ok']}**, object centroid moving the stated way "
                       f"in **{r['direction_ok']}**; mean hue error {r['mean_hue_error']:.1f} degrees."]
     else:
@@ -279,9 +318,13 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
     if timing:
         lines += [f"* CPU generation at {timing['frames']}x{timing['height']}x{timing['width']}, {timing['steps']} "
                   f"steps with guidance ({2 * timing['steps']} transformer passes), {timing['threads']} threads: "
-                  f"**{timing['total_s']} s** ({timing['denoise_s']} s denoising, {timing['decode_s']} s VAE decode)."]
+                  f"**{timing['total_s']} s** ({timing['denoise_s']} s denoising, {timing['decode_s']} s VAE decode)"
+                  + (f"; 1-minute load average {timing['load_average']} on {timing['cpu_count']} cores before the run "
+                     "(other processes compete for the cores when it is high)."
+                     if timing.get("load_average") is not None else ".")]
     else:
-        lines += [f"* CPU generation time at the default size: {pend}"]
+        lines += [f"* CPU generation time at the default size: {pend} (the same architecture with random weights: "
+                  "16 s on two otherwise idle cores, 28-56 s while other processes used them)"]
     lines += [
         "",
         "`tests/test_bundled_model.py` checks, on CPU: offline loading, the requested frame count and size,",

@@ -224,8 +224,8 @@ def encode_prompts_compact(text_encoder, tokenizer, prompts: list[str], device,
     attending over fewer copies with ``log(n / copies)`` added to their logits. This returns the
     embeddings for the batch's longest prompt plus 1-8 zero slots (to a multiple of 8), ``[B, K, D]``,
     and that additive bias ``[B, 1, 1, K]`` (0 on real tokens); :func:`compact_cross_attention` feeds the bias to the
-    transformer's cross-attention. Same result as the 512-position form up to rounding (checked in the
-    recipe's smoke test), at a fraction of the cost when videos are short.
+    transformer's cross-attention. Same result as the 512-position form up to rounding (checked by
+    ``tests/test_tiny_wan_recipe.py``), at a fraction of the cost when videos are short.
     """
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 
@@ -247,7 +247,12 @@ def encode_prompts_compact(text_encoder, tokenizer, prompts: list[str], device,
 
 
 class _BiasedCrossAttention:
-    """WanAttnProcessor with an additive attention bias for the cross-attention (training only)."""
+    """The stock ``WanAttnProcessor`` with an additive attention bias for the cross-attention (training only).
+
+    The bias goes to ``scaled_dot_product_attention`` as its float ``attn_mask``. Under autocast the query is
+    in the autocast dtype, so the bias is cast to it too (SDPA's CUDA kernels want a mask in the query's
+    dtype; autocast would cast it anyway); without autocast it stays in the hidden states' dtype.
+    """
 
     def __init__(self):
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
@@ -258,7 +263,12 @@ class _BiasedCrossAttention:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         bias = self.bias if attention_mask is None else attention_mask
         if bias is not None:
-            bias = bias.to(hidden_states.dtype if hidden_states.dtype != torch.float32 else torch.float32)
+            dev = hidden_states.device.type
+            if torch.is_autocast_enabled(dev):
+                dtype = torch.get_autocast_dtype(dev)
+            else:
+                dtype = hidden_states.dtype
+            bias = bias.to(device=hidden_states.device, dtype=dtype)
         return self.inner(attn, hidden_states, encoder_hidden_states, bias, rotary_emb)
 
 

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 \\
+    python -m sagevideo.recipes.tiny_wan.train --out OUT --seed 0 \\
         --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4 --device cuda
 
 Stages (each stops itself when its budget is spent, and ends with a learning-rate cool-down):
@@ -18,31 +18,72 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
    measured cost of render + encode against a transformer step, or fixed with ``--latent-reuse``),
    because encoding 33x256x256 clips costs about as much as a transformer step. The conditioning is the
    pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
-   (:func:`model.encode_prompts_compact`), so short clips do not pay for 500 padding positions.
+   (:func:`model.encode_prompts_compact` + :class:`model.compact_cross_attention`, checked against the
+   512-position form by ``tests/test_tiny_wan_recipe.py``), so short clips do not pay for 500 padding
+   positions.
 
 Finally the held-out prompts are generated and checked (colour, direction; :mod:`.evaluate`).
 
-Budgets and determinism. After a few calibration steps each stage plans its step count from its measured
-speed, re-plans until its learning-rate cool-down starts, and counts as finished when its budget runs out
-(``stopped_by_budget``), so one call always runs both stages. The plan and the latent-reuse choice are
-recorded in ``state.json``; ``--vae-steps``/``--dit-steps``/``--latent-reuse`` fix them instead. Given the
-seed and those choices, the data stream (scene descriptions and captions, crops, caption dropout, bucket
-choice, noise and noise levels - all derived from ``(seed, stream, step)``), the initialisation and the
-tokenizer are deterministic, on CPU bit for bit (checked); on the GPU the floating-point reductions of
-cuDNN and the attention kernels are not bitwise reproducible.
+Budgets. ``--vae-minutes``/``--dit-minutes`` are this call's budgets for each stage; ``--total-minutes``
+caps the whole call counted from the process start (imports included): the transformer stage then ends
+early enough to leave time for the evaluation and the last save. After a few calibration steps each stage
+plans its step count from its measured speed so that its cool-down ends inside the budget, re-plans until
+the cool-down starts, and counts as finished if the budget runs out anyway (``stopped_by_budget``), so one
+call always yields a complete model. ``--vae-steps``/``--dit-steps``/``--latent-reuse`` fix the plan
+instead. ``--more-dit-minutes M`` (or ``--more-dit-steps N``) with ``--resume`` of a finished run trains
+the text encoder + transformer further: a learning-rate re-warmup, then a new cool-down.
 
-Output folder (``--out``; at most 8 files, each < 16 MB, so it fits the GPU machine's return limits):
+Determinism. Given the seed and the plan (step counts and latent-reuse choices, recorded in
+``state.json``), the data stream (scene descriptions and captions, crops, caption dropout, bucket choice,
+noise and noise levels - all derived from ``(seed, stream, step)``), the initialisation and the tokenizer
+are deterministic; on the CPU two runs are identical bit for bit, and so is a run paused with
+``--stop-after-steps`` and resumed, when the checkpoints are exact (``--checkpoint-dtype float32``; both
+checked by ``tests/test_tiny_wan_recipe.py``). The default checkpoints round weights to fp16 and AdamW
+moments to bf16, so a resumed run differs from an uninterrupted one by that rounding. On the GPU the
+floating-point reductions of cuDNN and the attention kernels are not bitwise reproducible.
 
-* ``transformer.safetensors``      transformer weights, fp16
-* ``vae_text_encoder.safetensors`` VAE (``vae.``) and text encoder (``text_encoder.``) weights, fp16
-* ``optim_m.safetensors``, ``optim_v.safetensors``  AdamW moments of the stage in progress, bf16
+Output folder (``--out``; 8 files, each < 16 MB with the default ``--checkpoint-dtype half``, so it fits
+the return limits of a GPU job):
+
+* ``transformer.safetensors``      transformer weights, fp16 (9.8 MB)
+* ``vae_text_encoder.safetensors`` VAE (``vae.``) and text encoder (``text_encoder.``) weights, fp16 (8.0 MB)
+* ``optim_m.safetensors``, ``optim_v.safetensors``  AdamW moments of the stage in progress, bf16 (12.6 MB each)
 * ``tokenizer.json``               the trained tokenizer
-* ``state.json``                   progress, step counts, schedules, loss curves, metrics, environment
+* ``state.json``                   progress, step counts, schedules, metrics, the argv and environment of
+  every call
 * ``train_log.txt``                the progress log; ``loss_curve.tsv`` the loss curve
 
 Resume with ``--resume DIR`` (a previous ``--out``; may equal ``--out``): weights, moments, step counters
-and the tokenizer are restored and each unfinished stage continues its schedule with the new budget.
-``python -m sagevideo.recipes.tiny_wan.assemble`` turns a finished folder into ``assets/tiny-wan``.
+and the tokenizer are restored and an unfinished stage continues its schedule with this call's budget.
+The two ``optim_*`` files may be left out (a finished run needs none; an unfinished stage then continues
+with fresh moments and a learning-rate re-warmup). ``python -m sagevideo.recipes.tiny_wan.assemble`` turns
+a finished folder into ``assets/tiny-wan``.
+
+Two GPU jobs of at most 10 minutes each
+---------------------------------------
+
+The recipe for ``assets/tiny-wan`` (about 17 minutes of one H100 in all). The GPU machine needs, besides
+torch, transformers, tokenizers, safetensors and huggingface_hub: ``diffusers==0.42.1`` (and its
+``importlib_metadata``) and ``scikit-image==0.26.0`` (its sample photographs; it needs scipy, networkx,
+pillow, imageio, tifffile, packaging, ``lazy-loader``). Without a network there, carry the wheels in a
+folder ``.whl/`` and install them first. ``$OUT`` is the folder whose files the job returns.
+
+Job 1 (VAE 2.5 min, text encoder + transformer until 35 s before the 8.4-minute cap, evaluation, save:
+a complete model)::
+
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
+    python3 -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 --device cuda \\
+        --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4
+
+Job 2 (about 7 more minutes of the text encoder + transformer, from job 1's files copied to ``.tw1/``
+*without* the two ``optim_*`` files, which keeps what travels small; same install line first)::
+
+    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
+        --more-dit-minutes 7.4 --total-minutes 8.4
+
+Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN2 --to assets/tiny-wan``
+(RUN2: job 2's files). If job 2 cannot run, job 1's files assemble into a complete, shorter-trained model.
 """
 
 from __future__ import annotations
@@ -77,8 +118,8 @@ PRESETS: dict[str, dict] = {
         dit_lr=5e-4, dit_warmup=200, latent_reuse=2, caption_dropout=0.1,
         calib_vae=(10, 40), calib_dit=(10, 50),
         stats_clips=64, psnr_clips=32, psnr_size=(33, 256, 256), eval_batch=8,
-        eval_sizes=[(17, 128, 128), (33, 256, 256)], eval_steps=20, eval_guidance=5.0,
-        ckpt_every_s=60.0, log_every=25, curve_every=10,
+        eval_sizes=[(17, 128, 128), (33, 256, 256)], eval_steps=20, eval_guidance=5.0, eval_prompts=8,
+        photo_size=512, ckpt_every_s=60.0, log_every=25, curve_every=10,
     ),
     # learnability check on a CPU in ~25 minutes: same models, 9x64x64 clips (48 video tokens)
     "cpu-check": dict(
@@ -87,19 +128,20 @@ PRESETS: dict[str, dict] = {
         dit_lr=5e-4, dit_warmup=50, latent_reuse=2, caption_dropout=0.1,
         calib_vae=(5, 25), calib_dit=(5, 45),
         stats_clips=32, psnr_clips=16, psnr_size=(9, 64, 64), eval_batch=8,
-        eval_sizes=[(9, 64, 64)], eval_steps=20, eval_guidance=5.0,
-        ckpt_every_s=120.0, log_every=50, curve_every=5,
+        eval_sizes=[(9, 64, 64)], eval_steps=20, eval_guidance=5.0, eval_prompts=8,
+        photo_size=256, ckpt_every_s=120.0, log_every=50, curve_every=5,
     ),
-    # CPU smoke test of the whole flow (tiny clips, same models)
+    # CPU smoke test of the whole flow in seconds (same models, tiny clips: 5x32x32 and 9x32x48; with
+    # --vae-steps/--dit-steps for a fixed length). Used by tests/test_tiny_wan_recipe.py.
     "smoke": dict(
-        vae_batch=2, vae_frames=5, vae_render=64, vae_crop=32, vae_lr=6e-4, vae_warmup=2,
-        dit_buckets=[dict(frames=9, height=64, width=64, batch=2, weight=0.5),
-                     dict(frames=5, height=32, width=32, batch=2, weight=0.5)],
+        vae_batch=2, vae_frames=5, vae_render=48, vae_crop=32, vae_lr=6e-4, vae_warmup=2,
+        dit_buckets=[dict(frames=5, height=32, width=32, batch=2, weight=0.5),
+                     dict(frames=9, height=32, width=48, batch=2, weight=0.5)],
         dit_lr=5e-4, dit_warmup=2, latent_reuse=2, caption_dropout=0.1,
-        calib_vae=(2, 5), calib_dit=(2, 6),
-        stats_clips=4, psnr_clips=4, psnr_size=(9, 64, 64), eval_batch=2,
-        eval_sizes=[(9, 64, 64)], eval_steps=4, eval_guidance=5.0,
-        ckpt_every_s=30.0, log_every=2, curve_every=1,
+        calib_vae=(2, 4), calib_dit=(2, 4),
+        stats_clips=2, psnr_clips=2, psnr_size=(5, 32, 32), eval_batch=2,
+        eval_sizes=[(5, 32, 32)], eval_steps=2, eval_guidance=5.0, eval_prompts=2,
+        photo_size=64, ckpt_every_s=30.0, log_every=2, curve_every=1,
     ),
 }
 
@@ -119,6 +161,7 @@ COOLDOWN_FRACTION = 0.2  # final share of each stage's steps over which the LR d
 FINAL_LR_FACTOR = 0.02
 BUDGET_SAFETY = 0.93  # planned steps = safety * remaining time / measured step time
 FINAL_RESERVE_S = {"full": 35.0, "cpu-check": 60.0, "smoke": 5.0}  # time kept after the transformer stage for eval + save
+RETURN_LIMIT_BYTES = 16_000_000  # each output file must stay under this (the GPU job's file-return limit)
 
 FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.safetensors",
          "optim_v.safetensors", "tokenizer.json", "state.json", "train_log.txt", "loss_curve.tsv")
@@ -145,8 +188,10 @@ class Logger:
 def lr_at(step: int, st: dict, peak: float, warmup: int) -> float:
     """Warmup-stable-decay: linear warmup, constant, then a linear cool-down from ``st["cooldown_start"]``
     to ``st["total_steps"]``. Before the cool-down the LR does not depend on the schedule length, so
-    fixing the length late (from measured speed) changes nothing that already happened."""
-    lr = peak * min(1.0, (step + 1) / max(1, warmup))
+    fixing the length late (from measured speed) changes nothing that already happened. The warmup starts
+    at ``st["warmup_from"]`` (0, or the step where a finished stage was extended or resumed without its
+    optimizer moments: a re-warmup)."""
+    lr = peak * min(1.0, (step - st.get("warmup_from", 0) + 1) / max(1, warmup))
     start, total = st.get("cooldown_start"), st.get("total_steps")
     if start is not None and total is not None and step >= start:
         frac = (step - start) / max(1, total - start)
@@ -194,13 +239,14 @@ def make_adamw(params: list[torch.nn.Parameter], lr: float, device: torch.device
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.99), eps=1e-8, fused=device.type == "cuda")
 
 
-def optimizer_moments(opt, named: list[tuple[str, torch.nn.Parameter]]) -> tuple[dict, dict]:
+def optimizer_moments(opt, named: list[tuple[str, torch.nn.Parameter]],
+                      dtype: torch.dtype = torch.bfloat16) -> tuple[dict, dict]:
     m, v = {}, {}
     for name, p in named:
         st = opt.state.get(p)
         if st:
-            m[name] = st["exp_avg"].to(torch.bfloat16)
-            v[name] = st["exp_avg_sq"].to(torch.bfloat16)
+            m[name] = st["exp_avg"].detach().to(dtype=dtype, copy=True)
+            v[name] = st["exp_avg_sq"].detach().to(dtype=dtype, copy=True)
     return m, v
 
 
@@ -211,8 +257,8 @@ def restore_moments(opt, named, m: dict, v: dict, step: int) -> int:
         if name in m and name in v:
             step_t = (torch.tensor(float(step), dtype=torch.float32, device=p.device) if fused
                       else torch.tensor(float(step), dtype=torch.float32))
-            opt.state[p] = {"step": step_t, "exp_avg": m[name].to(p.device, torch.float32),
-                            "exp_avg_sq": v[name].to(p.device, torch.float32)}
+            opt.state[p] = {"step": step_t, "exp_avg": m[name].to(p.device, torch.float32, copy=True),
+                            "exp_avg_sq": v[name].to(p.device, torch.float32, copy=True)}
             restored += 1
     return restored
 
@@ -273,6 +319,8 @@ class Trainer:
         self.state["calls"].append({"argv": sys.argv[1:], "environment": environment(self.device),
                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.curve_rows: list[str] = []
+        self.steps_left = args.stop_after_steps  # optimizer steps this call may still take (None: no cap)
+        self.paused = False
         prev_curve = self.resume / "loss_curve.tsv" if self.resume else None
         if prev_curve is not None and prev_curve.exists():
             self.curve_rows = prev_curve.read_text().splitlines()[1:]
@@ -299,15 +347,23 @@ class Trainer:
             load_into({"transformer": self.transformer}, load_file(str(self.resume / "transformer.safetensors")))
             load_into({"vae": self.vae, "text_encoder": self.text_encoder},
                       load_file(str(self.resume / "vae_text_encoder.safetensors")))
-            if self.state.get("optim_stage"):
-                self.moments = (load_file(str(self.resume / "optim_m.safetensors")),
-                                load_file(str(self.resume / "optim_v.safetensors")))
+            moment_files = [self.resume / "optim_m.safetensors", self.resume / "optim_v.safetensors"]
+            if self.state.get("optim_stage") and all(f.exists() for f in moment_files):
+                self.moments = (load_file(str(moment_files[0])), load_file(str(moment_files[1])))
+            elif self.state.get("optim_stage"):
+                # the optimizer files were left behind (they are the largest): the stage in progress goes on
+                # with fresh AdamW moments and a re-warmup of its learning rate
+                self.log(f"no optimizer moments in {self.resume}: the {self.state['optim_stage']} stage continues "
+                         "with fresh AdamW moments and a learning-rate re-warmup")
+                stage = self.state[self.state["optim_stage"]]
+                stage["warmup_from"] = stage["step"]
+                self.state["optim_stage"] = None
             if self.state["vae"].get("latents_mean"):
                 self.vae.register_to_config(latents_mean=self.state["vae"]["latents_mean"],
                                             latents_std=self.state["vae"]["latents_std"])
         for m in (self.vae, self.text_encoder, self.transformer):
             m.to(self.device)
-        self.renderer = D.Renderer(self.device)
+        self.renderer = D.Renderer(self.device, photo_size=self.cfg.get("photo_size", 512))
         photos = list(D.available_photos())
         if self.state.setdefault("photos", photos) != photos:
             self.log(f"WARNING: photos available now {photos} differ from the run's {self.state['photos']}")
@@ -319,22 +375,29 @@ class Trainer:
     # -- checkpointing --------------------------------------------------------------------------------
     def save(self, opt=None, named=None, stage: str | None = None) -> None:
         t = time.time()
+        exact = self.args.checkpoint_dtype == "float32"
+
         def half(d):  # fp16 halves the files; a tensor that would overflow fp16 stays fp32
             out = {}
             for k, v in d.items():
+                if exact:
+                    out[k] = v.detach().float()
+                    continue
                 h = v.detach().to(torch.float16)
                 out[k] = h if torch.isfinite(h).all() else v.detach().float()
             return out
 
         save_tensors(self.out / "transformer.safetensors",
                      half({n: p for n, p in named_params({"transformer": self.transformer})}),
-                     {"format": "tiny-wan-train", "dtype": "float16"})
+                     {"format": "tiny-wan-train", "dtype": self.args.checkpoint_dtype})
         save_tensors(self.out / "vae_text_encoder.safetensors",
                      half({n: p for n, p in named_params({"vae": self.vae, "text_encoder": self.text_encoder})}),
-                     {"format": "tiny-wan-train", "dtype": "float16"})
+                     {"format": "tiny-wan-train", "dtype": self.args.checkpoint_dtype})
         if opt is not None:
-            self.moments = optimizer_moments(opt, named)
+            self.moments = optimizer_moments(opt, named, torch.float32 if exact else torch.bfloat16)
             self.state["optim_stage"] = stage
+            steps = [int(st["step"]) for st in opt.state.values() if "step" in st]
+            self.state["optim_steps"] = max(steps) if steps else 0
         if self.moments is not None:
             m, v = self.moments  # the latest moments of the stage in progress (or last trained)
         else:
@@ -350,8 +413,9 @@ class Trainer:
         (self.out / "loss_curve.tsv").write_text("stage\tstep\tloss\tlr\tseconds\n" + "\n".join(self.curve_rows) + "\n")
         for f in FILES:
             size = (self.out / f).stat().st_size
-            if size > 16_000_000:
-                self.log(f"WARNING: {f} is {size / 1e6:.1f} MB, over the 16 MB return limit")
+            if size > RETURN_LIMIT_BYTES:
+                self.log(f"WARNING: {f} is {size / 1e6:.1f} MB, over the {RETURN_LIMIT_BYTES / 1e6:.0f} MB return limit"
+                         + (" (--checkpoint-dtype float32 is for CPU checks)" if exact else ""))
         self.log(f"checkpoint saved ({time.time() - t:.1f}s)")
 
     # -- generic loop ---------------------------------------------------------------------------------
@@ -363,14 +427,15 @@ class Trainer:
         Without ``max_steps`` the schedule length is planned from the measured speed after ``calib[1]``
         steps and re-planned at every log line until the cool-down starts (then it is frozen). When the
         time budget runs out the stage counts as finished (``stopped_by_budget``) so the next stage runs
-        in the same call; a call killed from outside resumes from its last checkpoint instead.
+        in the same call; a call killed from outside resumes from its last checkpoint instead, and so does a
+        call paused by ``--stop-after-steps`` (the stage stays unfinished, its schedule unchanged).
         """
         st = self.state[name]
         named = named_params(modules)
         params = [p for _, p in named]
         opt = make_adamw(params, lr_peak, self.device, weight_decay)
         if self.moments is not None and self.state.get("optim_stage") == name:
-            n = restore_moments(opt, named, *self.moments, step=st["step"])
+            n = restore_moments(opt, named, *self.moments, step=self.state.get("optim_steps", st["step"]))
             self.log(f"[{name}] restored AdamW moments for {n}/{len(named)} tensors at step {st['step']}")
         st["stopped_by_budget"] = False
         if max_steps is not None and (st["total_steps"] != max_steps or not st.get("plan_fixed")):
@@ -390,6 +455,10 @@ class Trainer:
         for m in modules.values():
             m.train()
         while st["total_steps"] is None or st["step"] < st["total_steps"]:
+            if self.steps_left is not None and self.steps_left <= 0:
+                self.paused = True
+                self.log(f"[{name}] pausing at step {st['step']} (--stop-after-steps); resume with --resume")
+                break
             if time.time() >= deadline:
                 st["stopped_by_budget"] = True
                 self.log(f"[{name}] time budget reached at step {st['step']} of {st['total_steps']}")
@@ -404,6 +473,8 @@ class Trainer:
             gnorm = torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             st["step"] = step + 1
+            if self.steps_left is not None:
+                self.steps_left -= 1
             done_here = st["step"] - step0
             if done_here % self.cfg["curve_every"] == 0 or done_here <= 1:
                 lv = float(loss.detach())
@@ -600,13 +671,28 @@ class Trainer:
 
     def train_dit(self) -> None:
         st = self.state["dit"]
-        if self.args.more_dit_steps:
-            n = self.args.more_dit_steps
-            st["total_steps"] = st["step"] + n
-            st["cooldown_start"] = st["step"] + int(n * (1.0 - COOLDOWN_FRACTION))
-            st["plan_fixed"] = True
+        minutes = self.args.dit_minutes
+        if self.args.more_dit_steps or self.args.more_dit_minutes:
+            if not st["done"]:
+                raise SystemExit("--more-dit-steps/--more-dit-minutes extend a finished transformer stage; this one "
+                                 "is unfinished: resume it with --resume alone")
+            # a second schedule on top of the finished one: LR re-warmup from here, then a new cool-down
+            st["warmup_from"] = st["step"]
             st["done"] = False
-            self.log(f"[dit] extending the schedule to {st['total_steps']} steps")
+            st.setdefault("extensions", []).append({"from_step": st["step"], "steps": self.args.more_dit_steps,
+                                                    "minutes": self.args.more_dit_minutes})
+            if self.args.more_dit_steps:
+                n = self.args.more_dit_steps
+                st["total_steps"] = st["step"] + n
+                st["cooldown_start"] = st["step"] + int(n * (1.0 - COOLDOWN_FRACTION))
+                st["plan_fixed"] = True
+                self.log(f"[dit] extending the schedule to {st['total_steps']} steps")
+            else:
+                minutes = self.args.more_dit_minutes
+                st["total_steps"] = st["cooldown_start"] = None
+                st["plan_fixed"] = False
+                st.pop("calibrated_seconds_per_step", None)
+                self.log(f"[dit] extending the schedule by {minutes} min (planned from the measured speed)")
         if st["done"]:
             self.log(f"[dit] already trained ({st['step']} steps)")
             return
@@ -620,11 +706,12 @@ class Trainer:
         self.transformer.requires_grad_(True)
         self.log(f"[dit] training text encoder + transformer: buckets "
                  f"{[(b['frames'], b['height'], b['width'], b['batch'], b['weight']) for b in c['dit_buckets']]}, "
-                 f"latent reuse {c['latent_reuse']}, budget {self.args.dit_minutes} min")
+                 f"latent reuse {self._reuse_schedule()[-1][1]}, budget {minutes} min")
         with M.compact_cross_attention(self.transformer) as self._set_bias:
             opt, named = self._run_stage(
                 "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
-                c["dit_warmup"], 0.01, self.args.dit_minutes, self.args.dit_steps, c["calib_dit"], self.dit_step,
+                c["dit_warmup"], 0.01, minutes, None if st.get("extensions") else self.args.dit_steps,
+                c["calib_dit"], self.dit_step,
                 reserve_s=FINAL_RESERVE_S[self.args.preset], on_calibrated=self._adapt_reuse)
         self._cached, self._cached_step = None, None
         self.save(opt, named, "dit")
@@ -643,7 +730,8 @@ class Trainer:
             if self.deadline_total is not None and time.time() > self.deadline_total - 10:
                 self.log("final evaluation cut short by --total-minutes")
                 break
-            r = E.evaluate_prompts(pipe, D.heldout_prompts(), f, h, w, c["eval_steps"], c["eval_guidance"],
+            r = E.evaluate_prompts(pipe, D.heldout_prompts()[: c.get("eval_prompts", 8)], f, h, w, c["eval_steps"],
+                                   c["eval_guidance"],
                                    seed=self.args.seed,
                                    deadline=None if self.deadline_total is None else self.deadline_total - 8)
             results[f"{f}x{h}x{w}"] = r
@@ -657,6 +745,9 @@ class Trainer:
     def run(self) -> None:
         self.train_vae()
         self.train_dit()
+        if self.paused:
+            self.state["calls"][-1]["paused_at"] = {k: self.state[k]["step"] for k in ("vae", "dit")}
+            self.save()  # moments of the paused stage are kept (self.moments)
         if not self.args.no_eval:
             self.final_eval()
         if self.args.export and self.state["vae"]["done"] and self.state["dit"]["done"]:
@@ -682,7 +773,17 @@ def parse_args(argv=None):
     p.add_argument("--more-dit-steps", type=int, default=None,
                    help="with --resume of a finished run: train the text encoder + transformer N more steps "
                         "(the LR returns to its peak, then cools down over the last 20%%)")
+    p.add_argument("--more-dit-minutes", type=float, default=None,
+                   help="with --resume of a finished run: train the text encoder + transformer for about M more "
+                        "minutes (step count planned from the measured speed; LR re-warmup, then a new cool-down)")
     p.add_argument("--latent-reuse", type=int, default=None, help="steps per encoded latent batch (default: preset)")
+    p.add_argument("--stop-after-steps", type=int, default=None,
+                   help="pause this call after N optimizer steps (both stages counted), leaving the stage in "
+                        "progress unfinished; --resume continues it exactly where it stopped")
+    p.add_argument("--checkpoint-dtype", choices=("half", "float32"), default="half",
+                   help="'half' (default): weights fp16, AdamW moments bf16, so every file stays under 16 MB; "
+                        "'float32': exact checkpoints (resume reproduces an uninterrupted run bit for bit on "
+                        "CPU), files over 16 MB")
     p.add_argument("--resume", default=None, help="a previous --out folder to continue from")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",

@@ -1,0 +1,281 @@
+"""The tiny-wan training recipe (``sagevideo.recipes.tiny_wan``) on the CPU, in seconds.
+
+* the data stream depends only on ``(seed, stream, step)``;
+* captions state what is rendered: the object's dominant hue is the caption's colour, its centroid moves
+  the stated way (or stays still), and the light changes as stated;
+* the held-out (colour, shape, direction) triples never occur in training scenes or captions, while every
+  colour, shape and direction does;
+* the compact cross-attention used in training equals the pipeline's 512-position conditioning;
+* the whole flow - train (``smoke`` preset), pause, resume, assemble - gives a folder that
+  ``WanPipeline.from_pretrained`` loads offline and that generates the requested frames and size,
+  identically for a fixed seed; a paused-and-resumed run equals an uninterrupted one bit for bit (exact
+  checkpoints), and the default checkpoints stay within the GPU job's file limits (same architecture as
+  the real model, so the same file sizes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from sagevideo.recipes.tiny_wan import data as D
+
+pytest.importorskip("diffusers")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    pytest.importorskip("skimage", reason="rendering photo backgrounds needs scikit-image (pip install -e '.[train]')")
+    return D.Renderer("cpu", photo_size=64)
+
+
+def test_data_stream_depends_only_on_seed_stream_and_step(renderer):
+    a_video, a_caps, _ = D.make_clips(renderer, 3, "dit", 17, 4, 5, 32, 48)
+    b_video, b_caps, _ = D.make_clips(renderer, 3, "dit", 17, 4, 5, 32, 48)
+    assert a_caps == b_caps and torch.equal(a_video, b_video)
+    assert a_video.shape == (4, 3, 5, 32, 48) and a_video.min() >= -1 and a_video.max() <= 1
+    for other in ((3, "dit", 18), (3, "vae", 17), (4, "dit", 17)):  # another step, stream or seed
+        assert [s.caption for s in D.SceneSampler().batch(*other, 4, 5, 32, 48)] != a_caps, other
+    g1, g2 = D.stream_generator(3, "dit-noise", 5), D.stream_generator(3, "dit-noise", 5)
+    assert torch.equal(torch.randn(8, generator=g1), torch.randn(8, generator=g2))
+    assert D.stream_rng(3, "x", 1).random() == D.stream_rng(3, "x", 1).random() != D.stream_rng(3, "x", 2).random()
+
+
+def _single_object_scenes(n: int, frames: int):
+    """Training scenes with one object on a neutral solid background (black, white or gray)."""
+    sampler = D.SceneSampler("train")
+    out, step = [], 0
+    while len(out) < n:
+        for s in sampler.batch(11, "caption-check", step, 64, frames, 64, 64):
+            neutral = s.background == "solid" and s.bg_a in (D.BACKGROUNDS["black"], D.BACKGROUNDS["white"],
+                                                             D.BACKGROUNDS["gray"])
+            if neutral and len(s.objects) == 1 and len(out) < n:
+                out.append(s)
+        step += 1
+    return out
+
+
+def test_captions_state_what_is_rendered(renderer):
+    from sagevideo.recipes.tiny_wan.evaluate import check_video, displacement
+
+    frames = 17
+    scenes = _single_object_scenes(32, frames)
+    videos = renderer.render(scenes, frames, 64, 64)  # [B, 3, T, H, W] in [-1, 1]
+    assert any(s.objects[0].direction == "still" for s in scenes)
+    for s, v in zip(scenes, videos):
+        o = s.objects[0]
+        video = ((v.permute(1, 2, 3, 0) + 1) / 2).numpy()  # [T, H, W, 3] in [0, 1]
+        cap = s.caption
+        assert f"{o.colour} {o.shape}" in cap, cap
+        if o.direction == "still":
+            assert any(p in cap for p in D._STILL_PHRASES), cap
+            dx, dy = displacement(video)
+            assert abs(dx) < 0.01 and abs(dy) < 0.01, (cap, dx, dy)
+            r = check_video(video, colour=o.colour)
+        else:
+            assert any(p in cap for p in D._DIRECTION_PHRASES[o.direction]), cap
+            assert any(p in cap for p in D._SPEED_PHRASES[o.speed]), cap
+            r = check_video(video, colour=o.colour, direction=o.direction)
+            assert r["direction_ok"], (cap, r["dx"], r["dy"])
+        assert r["colour_ok"], (cap, r["nearest_colour"], r["hue"])
+        if s.lighting != "none":
+            first, last = video[0].mean(), video[-1].mean()
+            assert (last > first) == (s.lighting == "brighter"), (cap, first, last)
+            assert any(p in cap for p in D._LIGHTING_PHRASES[s.lighting]), cap
+        else:
+            assert not any(p in cap for ps in D._LIGHTING_PHRASES.values() for p in ps), cap
+
+
+_MOVE = "(?:moves|slides|drifts|glides|travels)"
+_SPEED = "(?:slowly|quickly|fast)"
+
+
+def _triple_pattern(colour: str, shape: str, direction: str) -> re.Pattern:
+    where = "|".join(re.escape(p) for p in D._DIRECTION_PHRASES[direction])
+    return re.compile(rf"\b{colour} {shape} {_MOVE} (?:{_SPEED} )?(?:{where})(?: {_SPEED})?"
+                      r"(?=\.|,| and a | over | on | against )")
+
+
+def test_heldout_triples_never_occur_in_training():
+    patterns = {t: _triple_pattern(*t) for t in D.HELD_OUT}
+    for p in D.heldout_prompts():  # the patterns do recognise the held-out prompts
+        assert patterns[(p["colour"], p["shape"], p["direction"])].search(p["prompt"]), p
+    seen = {"colour": set(), "shape": set(), "direction": set()}
+    eval_hits = 0
+    for step in range(40):
+        for scene in D.SceneSampler("train").batch(0, "dit", step, 64, 33, 256, 256):
+            for o in scene.objects:
+                assert (o.colour, o.shape, o.direction) not in D.HELD_OUT, scene.caption
+                seen["colour"].add(o.colour)
+                seen["shape"].add(o.shape)
+                seen["direction"].add(o.direction)
+            for t, pat in patterns.items():
+                assert not pat.search(scene.caption), (t, scene.caption)
+        for scene in D.SceneSampler("eval").batch(0, "dit", step, 64, 33, 256, 256):
+            eval_hits += any(pat.search(scene.caption) for pat in patterns.values())
+    assert eval_hits > 0  # the same patterns do find held-out triples where they are allowed
+    for c, s, d in D.HELD_OUT:  # each word of a held-out triple is trained in other combinations
+        assert c in seen["colour"] and s in seen["shape"] and d in seen["direction"]
+
+
+def test_default_size_has_over_2000_video_tokens():
+    from sagevideo.recipes.tiny_wan import DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_WIDTH
+    from sagevideo.recipes.tiny_wan.model import TRANSFORMER_CONFIG
+
+    pt, ph, pw = TRANSFORMER_CONFIG["patch_size"]
+    tokens = (((DEFAULT_FRAMES - 1) // 4 + 1) // pt) * (DEFAULT_HEIGHT // 8 // ph) * (DEFAULT_WIDTH // 8 // pw)
+    assert tokens >= 2000, tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Conditioning
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from sagevideo.recipes.tiny_wan import model as M
+
+    return M.wrap_tokenizer(M.train_tokenizer())
+
+
+def test_compact_cross_attention_equals_pipeline_conditioning(tokenizer):
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from sagevideo.recipes.tiny_wan import model as M
+
+    torch.manual_seed(0)
+    text_encoder = M.build_text_encoder(len(tokenizer)).eval()
+    transformer = M.build_transformer().eval()
+    torch.nn.init.normal_(transformer.proj_out.weight, std=0.05)  # the zero init would hide any difference
+    prompts = ["a red triangle moves left quickly on a black background.", "",
+               "a small blue star drifts up and to the right slowly and a green ring stays still on a vertical "
+               "gradient from black to white. the light gets darker."]
+    x = torch.randn(3, 16, 2, 8, 12)
+    t = torch.tensor([50.0, 500.0, 950.0])
+    with torch.no_grad():
+        full = M.encode_prompts(text_encoder, tokenizer, prompts, "cpu")
+        pipe = M.assemble_pipeline(tokenizer, text_encoder, M.build_vae(), transformer)
+        pipe_embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, max_sequence_length=512,
+                                            device="cpu")
+        torch.testing.assert_close(full, pipe_embeds, rtol=0, atol=1e-5)  # the pipeline's own conditioning
+        ref = transformer(hidden_states=x, timestep=t, encoder_hidden_states=pipe_embeds, return_dict=False)[0]
+        emb, bias = M.encode_prompts_compact(text_encoder, tokenizer, prompts, "cpu")
+        assert emb.shape[1] % 8 == 0 and emb.shape[1] < 64 and bias.shape == (3, 1, 1, emb.shape[1])
+        with M.compact_cross_attention(transformer) as set_bias:
+            set_bias(bias)
+            out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert all(type(b.attn2.processor) is WanAttnProcessor for b in transformer.blocks)  # restored on exit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Train -> pause -> resume -> assemble -> WanPipeline
+# ----------------------------------------------------------------------------------------------------
+
+SMOKE = ["--preset", "smoke", "--device", "cpu", "--seed", "0", "--vae-steps", "3", "--dit-steps", "4", "--no-eval"]
+
+
+def _train(*args):
+    from sagevideo.recipes.tiny_wan import train
+
+    train.main([str(a) for a in args])
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+
+    return {f: load_file(str(folder / f)) for f in ("transformer.safetensors", "vae_text_encoder.safetensors",
+                                                     "optim_m.safetensors", "optim_v.safetensors")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, renderer):
+    root = tmp_path_factory.mktemp("tiny-wan-recipe")
+    exact = [*SMOKE, "--checkpoint-dtype", "float32"]
+    _train("--out", root / "whole", *exact)
+    _train("--out", root / "part1", *exact, "--stop-after-steps", 5)  # 3 VAE steps + 2 of the 4 transformer steps
+    _train("--out", root / "part2", "--resume", root / "part1", *exact)
+    return root
+
+
+def test_resumed_run_equals_uninterrupted_run(runs):
+    part1 = json.loads((runs / "part1" / "state.json").read_text())
+    assert part1["vae"]["done"] and not part1["dit"]["done"] and part1["dit"]["step"] == 2
+    assert part1["calls"][-1]["paused_at"] == {"vae": 3, "dit": 2} and part1["optim_stage"] == "dit"
+    whole, part2 = _tensors(runs / "whole"), _tensors(runs / "part2")
+    for name, tensors in whole.items():
+        assert tensors.keys() == part2[name].keys() and tensors, name
+        for key, value in tensors.items():
+            assert torch.equal(value, part2[name][key]), (name, key)
+    state = json.loads((runs / "part2" / "state.json").read_text())
+    assert state["dit"]["done"] and state["dit"]["step"] == 4 and len(state["calls"]) == 2
+    assert (runs / "part2" / "tokenizer.json").read_text() == (runs / "whole" / "tokenizer.json").read_text()
+
+
+def test_assembled_folder_loads_offline_and_generates(runs, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    from diffusers import WanPipeline
+
+    from sagevideo.recipes.tiny_wan import dtype_kwarg
+    from sagevideo.recipes.tiny_wan.assemble import assemble
+
+    dest = runs / "pipeline"
+    info = assemble(runs / "part2", dest, measure_cpu=False)
+    files = [p for p in dest.rglob("*") if p.is_file()]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
+    assert len(weights) == 3 and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20 and sum(info["sizes"].values()) > 30 * 2**20
+    card = (dest / "README.md").read_text()
+    assert "VAE reconstruction PSNR on 2 held-out clips" in card and "library_name: diffusers" in card
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True, raising=False)
+    pipe = WanPipeline.from_pretrained(str(dest), **dtype_kwarg(torch.float32))
+    pipe.set_progress_bar_config(disable=True)
+    trained = _tensors(runs / "part2")["transformer.safetensors"]
+    loaded = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(loaded[k.removeprefix("transformer.")], v) for k, v in trained.items())
+
+    def gen(seed):
+        return pipe(prompt="a green circle moves right quickly on a black background.", num_frames=9, height=32,
+                    width=48, num_inference_steps=2, guidance_scale=5.0,
+                    generator=torch.Generator("cpu").manual_seed(seed), output_type="np").frames
+
+    a, b, c = gen(0), gen(0), gen(1)
+    assert a.shape == (1, 9, 32, 48, 3) and np.isfinite(a).all()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_default_checkpoints_fit_the_gpu_job_limits_and_resume_without_moments(tmp_path, renderer):
+    from sagevideo.recipes.tiny_wan.train import FILES, RETURN_LIMIT_BYTES
+
+    out = tmp_path / "run"
+    _train("--out", out, "--preset", "smoke", "--device", "cpu", "--vae-steps", 1, "--dit-steps", 1, "--no-eval")
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(FILES)  # 8 files, nothing else
+    sizes = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert all(size < RETURN_LIMIT_BYTES for size in sizes.values()), sizes
+    assert sizes["optim_m.safetensors"] > 10e6  # the transformer stage's moments are there (same model as 'full')
+
+    # a finished run continued from its files without the optimizer moments (what a second GPU job carries)
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    for name in FILES:
+        if not name.startswith("optim_"):
+            (carried / name).write_bytes((out / name).read_bytes())
+    _train("--out", tmp_path / "more", "--resume", carried, "--preset", "smoke", "--device", "cpu",
+           "--more-dit-steps", 2, "--no-eval")
+    state = json.loads((tmp_path / "more" / "state.json").read_text())
+    assert state["dit"]["done"] and state["dit"]["step"] == 3 and state["dit"]["warmup_from"] == 1
+    assert state["vae"]["step"] == 1 and len(state["calls"]) == 2
