@@ -76,6 +76,30 @@ def build_config(mode: str = "auto", dense_warmup: float = 0.0, high_precision_b
     return AttentionConfig(default=mode, rules=tuple(rules))
 
 
+def wan_grid_wrapper(patch_size, previous=None):
+    """A ComfyUI ``model_function_wrapper`` that puts Wan's post-patch latent grid into ``transformer_options``
+    (``grid_sizes``) when the model does not (ComfyUI before late 2025 does not), so the grid-based (sparse)
+    methods see it. The grid is the latent ``(T, H, W)`` divided by the patch size, rounded up (ComfyUI pads the
+    latent to a multiple of the patch). A wrapper already on the model (``previous``) is called with the same
+    arguments; an existing ``grid_sizes`` is left as it is."""
+    pt, ph, pw = (int(x) for x in patch_size)
+
+    def wrapper(apply_model, args):
+        x, c = args["input"], args.get("c", {})
+        options = c.get("transformer_options", {})
+        if x.dim() == 5 and "grid_sizes" not in options:
+            t, h, w = x.shape[-3:]
+            grid = (-(-t // pt), -(-h // ph), -(-w // pw))
+            c = dict(c, transformer_options=dict(options, grid_sizes=grid))
+            args = dict(args, c=c)
+        if previous is not None:
+            return previous(apply_model, args)
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    wrapper.sagevideo_grid = True
+    return wrapper
+
+
 def _diffusion_model(model):
     getter = getattr(model, "get_model_object", None)
     if getter is not None:
@@ -158,7 +182,8 @@ class SageVideoAttention:
         if family is None:
             logger.warning("sagevideo: model family not recognised; the schedule still applies to self-attention")
         elif family == "hunyuan_video":
-            logger.info("sagevideo: HunyuanVideo has no latent grid in transformer_options; grid-free modes only")
+            logger.info("sagevideo: HunyuanVideo shows no latent grid to the attention here; the sparse modes run "
+                        "dense quantized attention on it (say so once), the other modes need no grid")
         patched = model.clone()
         options = patched.model_options.setdefault("transformer_options", {})
         previous = options.get("optimized_attention_override")
@@ -167,6 +192,11 @@ class SageVideoAttention:
             allow_cpu=os.environ.get(TEST_ALLOW_CPU_ENV, "") == "1",
         )
         options["optimized_attention_override"] = override
+        dm = _diffusion_model(model)
+        if family == "wan" and getattr(dm, "patch_size", None) is not None:
+            previous_wrapper = patched.model_options.get("model_function_wrapper")
+            if not getattr(previous_wrapper, "sagevideo_grid", False):
+                patched.model_options["model_function_wrapper"] = wan_grid_wrapper(dm.patch_size, previous_wrapper)
         logger.info("sagevideo: attention schedule %s", config.to_json(indent=None))
         return (patched,)
 

@@ -467,3 +467,36 @@ def test_sparse_mode_uses_comfy_grid_and_keeps_state_in_the_override():
     out2 = _call(ov2, q, k, v, 2, options=_options(step=2), skip_reshape=True, skip_output_reshape=True)
     torch.testing.assert_close(out2, dense, atol=1e-5, rtol=1e-5)
     assert ov2.store == {}
+
+
+def test_wan_grid_wrapper_supplies_the_grid_and_chains():
+    # ComfyUI before late 2025 does not put grid_sizes into transformer_options; the node's model wrapper does
+    net = WanModel()
+    net.patch_size = (1, 2, 2)
+    model = ModelPatcher(net)
+    seen = []
+
+    def previous(apply_model, args):
+        seen.append("previous")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.model_options["model_function_wrapper"] = previous
+    (patched,) = SageVideoAttention().patch(model, mode="sparse-semantic")
+    assert model.model_options["model_function_wrapper"] is previous  # the input model is untouched
+    wrapper = patched.model_options["model_function_wrapper"]
+
+    def apply_model(x, t, transformer_options=None, **kw):
+        seen.append(transformer_options.get("grid_sizes"))
+        return x
+
+    x = torch.zeros(1, 16, 3, 7, 10)  # odd sizes: ComfyUI pads to the patch, so the grid rounds up
+    wrapper(apply_model, {"input": x, "timestep": torch.zeros(1), "c": {"transformer_options": {}}})
+    assert seen == ["previous", (3, 4, 5)]
+    seen.clear()
+    given = {"transformer_options": {"grid_sizes": (9, 9, 9)}}
+    wrapper(apply_model, {"input": x, "timestep": torch.zeros(1), "c": given})
+    assert seen == ["previous", (9, 9, 9)]  # a grid the model provides wins
+    assert given == {"transformer_options": {"grid_sizes": (9, 9, 9)}}  # and the caller's dict is not written
+    # patching the patched model again does not stack a second grid wrapper
+    (again,) = SageVideoAttention().patch(patched, mode="int8-fp8")
+    assert again.model_options["model_function_wrapper"] is wrapper
