@@ -172,6 +172,11 @@ def random_tiny_wan(seed: int = 0):
     vae = tw.build_vae()
     torch.manual_seed(seed + 1)
     transformer = tw.build_transformer()
+    # the recipe starts training from a zero output projection (a DiT convention), which makes the untrained
+    # transformer's output independent of its input: attention would have no effect at all on the video, and a
+    # comparison of attention methods would always find them identical. Random weights there instead.
+    torch.nn.init.normal_(transformer.proj_out.weight, std=0.02)
+    torch.nn.init.zeros_(transformer.proj_out.bias)
     torch.manual_seed(seed + 2)
     text_encoder = tw.build_text_encoder(tok.get_vocab_size())
     return tw.assemble_pipeline(tok, text_encoder, vae, transformer)

@@ -245,3 +245,22 @@ def test_python_m_unknown_hub_id(tmp_path):
     assert len(lines) == 1
     assert "nobody-xyz/no-such-model" in lines[0] and "could not load" in lines[0] and "spelling of the id" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_random_fallback_model_output_depends_on_attention():
+    # the untrained fallback must still let attention matter, or `compare` would always report identical runs
+    from sagevideo import methods, patch_pipeline
+    from sagevideo.config import AttentionConfig
+    from sagevideo.generate import random_tiny_wan
+
+    pipe = random_tiny_wan(0)
+    kw = dict(prompt="a red circle", num_frames=5, height=64, width=64, num_inference_steps=2, output_type="latent")
+    with torch.no_grad():
+        base = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    methods.register(methods.Method("test-zero", lambda q, k, v, ctx: (torch.zeros_like(q), None), cost=1.0))
+    try:
+        with patch_pipeline(pipe, AttentionConfig.uniform("test-zero")), torch.no_grad():
+            zeroed = pipe(**kw, generator=torch.Generator().manual_seed(0)).frames
+    finally:
+        methods.unregister("test-zero")
+    assert (base - zeroed).abs().max() > 1e-3
