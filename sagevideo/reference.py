@@ -237,48 +237,12 @@ def quant_attention_from_quantized(
     added to the rescaled accumulator. Returns ``(out, lse)`` with ``out`` (B, Hq, Sq, D)
     in ``out_dtype`` and the natural-log ``lse`` (B, Hq, Sq) in fp32.
     """
-    d = qkv.head_dim
-    hq = qkv.q.shape[1]
-    q = qkv.q[..., :d].float()
-    k = _expand_kv(qkv.k[..., :d], hq)
-    ks = _expand_kv(qkv.k_scale, hq)
-    fp8 = qkv.precision == "int8-fp8"
-    skv = k.shape[2]
-    v = _expand_kv(qkv.v[:, :, :d, :skv].transpose(-1, -2) if fp8 else qkv.v[..., :d], hq)
-
-    shape = q.shape[:-1]
-    m = torch.full(shape, float("-inf"), dtype=torch.float32, device=q.device)
-    l = torch.zeros(shape, dtype=torch.float32, device=q.device)
-    acc = torch.zeros((*shape, d), dtype=torch.float32, device=q.device)
-    for j in range(0, skv, block_n):
-        # integer QKᵀ (exact in fp32: |sum| < 2^24), times the K scale per column; the Q scale (> 0) is
-        # applied after the row max and inside the exponent, as the kernel does
-        s1 = torch.matmul(q, k[:, :, j : j + block_n].float().transpose(-1, -2)) * ks[:, :, None, j : j + block_n]
-        if key_padding_mask is not None:
-            s1 = s1.masked_fill(~key_padding_mask[:, None, None, j : j + block_n], float("-inf"))
-        m_new = torch.maximum(m, s1.amax(dim=-1) * qkv.q_scale)
-        m_safe = torch.where(torch.isinf(m_new), 0.0, m_new)
-        alpha = torch.exp2(m - m_safe)
-        shift = LOG2_FP8_MAX if fp8 else 0.0  # P·448 straight from the exponent for the e4m3 operand
-        p = torch.exp2(s1 * qkv.q_scale[..., None] + (shift - m_safe)[..., None])
-        l = l * alpha + p.sum(dim=-1)
-        vt = v[:, :, j : j + block_n].float()
-        p_op = p.to(torch.float8_e4m3fn if fp8 else qkv.v.dtype).float()
-        acc = acc * alpha[..., None] + torch.matmul(p_op, vt)
-        m = m_new
-
-    valid = l > 0
-    out = acc / torch.where(valid, l, 1.0)[..., None]
-    if fp8:  # the 448 of P cancels between acc and l
-        out = out * _expand_kv(qkv.v_scale[..., :d], hq)[:, :, None, :]
-    if qkv.v_mean is not None:
-        out = out + _expand_kv(qkv.v_mean[..., :d], hq)[:, :, None, :]
-    out = torch.where(valid[..., None], out, 0.0)
-    log2_l = torch.log2(torch.where(valid, l, 1.0)) - (LOG2_FP8_MAX if fp8 else 0.0)
-    lse = torch.where(valid, (m + log2_l) * LN2, float("-inf"))
-    if qkv.lse_offset is not None:
-        lse = lse + qkv.lse_offset
-    return out.to(out_dtype), lse
+    sq = qkv.q.shape[2]
+    mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+    # one chunk holding every query row: the same matmuls as the kernel-shaped walk over KV tiles
+    return quant_attention_masked(
+        qkv, lambda i0, i1: mask, out_dtype=out_dtype, block_n=block_n, chunk=max(sq, 1)
+    )
 
 
 def quant_attention_ref(
@@ -367,8 +331,13 @@ def quant_attention_masked(
     shift = LOG2_FP8_MAX if fp8 else 0.0  # P·448 straight from the exponent for the e4m3 operand
     p_dtype = torch.float8_e4m3fn if fp8 else qkv.v.dtype
     outs, lses = [], []
-    for i in range(0, qkv.q.shape[2], chunk):
-        i1 = min(i + chunk, qkv.q.shape[2])
+    sq = qkv.q.shape[2]
+    if sq == 0:
+        b = qkv.q.shape[0]
+        return (torch.zeros((b, hq, 0, d), dtype=out_dtype, device=qkv.q.device),
+                torch.zeros((b, hq, 0), dtype=torch.float32, device=qkv.q.device))
+    for i in range(0, sq, chunk):
+        i1 = min(i + chunk, sq)
         q = qkv.q[:, :, i:i1, :d].float()
         qs = qkv.q_scale[:, :, i:i1]
         mask = token_mask(i, i1)
