@@ -171,3 +171,20 @@ def test_node_sparse_mode_gets_the_family_warmup_unless_the_user_sets_one():
     assert [(r.method, r.steps) for r in own.rules] == [("dense", (0.0, 0.3))]
     plain = nodes.build_config("int8-fp8", family="wan")
     assert plain.rules == ()
+
+
+def test_calibration_measures_sparse_candidates():
+    from tests.test_calibrate import calib
+
+    pipe = tp.wan_pipeline()
+    sparse = ("sparse-semantic", {"precision": "dense", "block_m": 16, "block_n": 16, "q_clusters": 4,
+                                  "k_clusters": 6, "top_p": 0.8})
+    loose = calib(pipe, target=1.0, candidates=("int8-fp8", sparse))
+    assert loose.config.default == "sparse-semantic" and not loose.config.rules  # cheapest method fits everywhere
+    errors = list(loose.errors.values())
+    label = next(k for k in errors[0] if k.startswith("sparse-semantic"))
+    # dropping blocks costs far more accuracy than quantizing on this model
+    assert all(e[label] > 3 * e["int8-fp8"] for e in errors)
+    tight = calib(pipe, target=max(e["int8-fp8"] for e in errors) * 1.01, candidates=("int8-fp8", sparse))
+    used = {tight.config.default} | {r.method for r in tight.config.rules}
+    assert "sparse-semantic" not in used and "int8-fp8" in used
