@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sagevideo.kernels.quant_attn import _natural_lse
 from sagevideo.reference import DEFAULT_BLOCK_N, LOG2E, QuantizedQKV
 
 MODE_DENSE = 0
@@ -195,13 +196,7 @@ def _block_sparse_fwd(
     o_ptrs = O + b * stride_ob + h * stride_oh + orows[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = m_i + tl.math.log2(tl.where(valid, l_i, 1.0))
-        if MODE == 2:
-            lse = lse - 8.807354922057604  # log2(448)
-        lse = lse * 0.6931471805599453
-        if HAS_LSE_OFF:
-            lse = lse + tl.load(LSE_OFF + bh * Sq + rows, mask=m_ok, other=0.0)
-        lse = tl.where(valid, lse, float("-inf"))
+        lse = _natural_lse(m_i, l_i, valid, MODE == 2, HAS_LSE_OFF, LSE_OFF + bh * Sq + rows, m_ok)
         tl.store(LSE + b * stride_lb + h * stride_lh + orows * stride_ls, lse, mask=m_ok)
 
 

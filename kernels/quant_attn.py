@@ -78,6 +78,20 @@ def _attn_tile(
 
 
 @triton.jit
+def _natural_lse(m_i, l_i, valid, PV_FP8: tl.constexpr, HAS_LSE_OFF: tl.constexpr, off_ptrs, row_ok):
+    """Natural-log LSE of the rows from the log2-domain running max and sum (``l`` carries P's factor 448 in
+    FP8 mode), plus the K-smoothing offset when given; −inf for rows that attended to nothing. Shared by the
+    dense and the block-sparse kernel."""
+    lse = m_i + tl.math.log2(tl.where(valid, l_i, 1.0))
+    if PV_FP8:
+        lse = lse - 8.807354922057604  # log2(448)
+    lse = lse * 0.6931471805599453
+    if HAS_LSE_OFF:
+        lse = lse + tl.load(off_ptrs, mask=row_ok, other=0.0)
+    return tl.where(valid, lse, float("-inf"))
+
+
+@triton.jit
 def _quant_attn_fwd(
     Q, QS, K, KS, V, VS, VM, LSE_OFF, MASK, O, LSE,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -138,13 +152,7 @@ def _quant_attn_fwd(
     o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
     if RETURN_LSE:
-        lse = m_i + tl.math.log2(tl.where(valid, l_i, 1.0))
-        if PV_FP8:
-            lse = lse - 8.807354922057604  # log2(448)
-        lse = lse * 0.6931471805599453
-        if HAS_LSE_OFF:
-            lse = lse + tl.load(LSE_OFF + bh * Sq + offs_m, mask=m_ok, other=0.0)
-        lse = tl.where(valid, lse, float("-inf"))
+        lse = _natural_lse(m_i, l_i, valid, PV_FP8, HAS_LSE_OFF, LSE_OFF + bh * Sq + offs_m, m_ok)
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ls, lse, mask=m_ok)
 
 
