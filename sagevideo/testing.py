@@ -62,6 +62,8 @@ def structured_qkv(
 
 def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Cosine similarity, relative L1 (Σ|o−r| / Σ|r|) and relative L2 of ``out`` against ``ref`` (float64)."""
+    if out.shape != ref.shape:  # flattening would compare unrelated elements (e.g. BSHD against BHSD)
+        raise ValueError(f"error_metrics: shapes differ: {tuple(out.shape)} vs {tuple(ref.shape)}")
     o = out.detach().to(torch.float64).flatten()
     r = ref.detach().to(torch.float64).flatten()
     if not torch.isfinite(o).all():
