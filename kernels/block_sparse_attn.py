@@ -30,15 +30,18 @@ import triton
 import triton.language as tl
 
 from sagevideo.kernels.quant_attn import _natural_lse
-from sagevideo.reference import DEFAULT_BLOCK_N, LOG2E, QuantizedQKV
+from sagevideo.reference import LOG2E, QuantizedQKV
 
 MODE_DENSE = 0
 MODE_INT8_FP16 = 1
 MODE_INT8_FP8 = 2
 _MODES = {"dense": MODE_DENSE, "int8-fp16": MODE_INT8_FP16, "int8-fp8": MODE_INT8_FP8}
 
-#: The largest query block the kernel takes (one program holds the whole block).
+#: The largest query block the kernel takes (one program holds the whole block, or half of it: ``SPLIT_M``).
 MAX_BLOCK_M = 256
+#: The widest KV tile. KV blocks up to this many keys take one tile (one pipelined loop over the block list);
+#: longer blocks are walked in several tiles (a nested loop, which Triton cannot software-pipeline).
+MAX_TILE_N = 128
 
 
 @triton.jit
@@ -112,7 +115,7 @@ def _sparse_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "Sq", "Skv", "NQ", "NK", "MAXK"])
 def _block_sparse_fwd(
     Q, QS, K, KS, V, VS, VM, LSE_OFF, MASK, O, LSE, QIDX, KIDX,
     Q_START, Q_LEN, K_START, K_LEN, KV_INDEX, KV_COUNT,
@@ -124,7 +127,7 @@ def _block_sparse_fwd(
     stride_mb, stride_mn,
     H, Sq, Skv, NQ, NK, MAXK, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SINGLE_TILE: tl.constexpr, MODE: tl.constexpr, DOT_IEEE: tl.constexpr,
+    SINGLE_TILE: tl.constexpr, SPLIT_M: tl.constexpr, MODE: tl.constexpr, DOT_IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr, PERM_Q: tl.constexpr, PERM_KV: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_OFF: tl.constexpr,
 ):
@@ -132,11 +135,13 @@ def _block_sparse_fwd(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    blk_q = bh * NQ + pid_q
+    # SPLIT_M programs share one query block, BLOCK_M rows each (smaller tiles keep fewer registers live)
+    blk_q = bh * NQ + pid_q // SPLIT_M
+    part = pid_q % SPLIT_M
 
     q0 = tl.load(Q_START + blk_q)
     q_len = tl.load(Q_LEN + blk_q)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = part * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
@@ -165,7 +170,7 @@ def _block_sparse_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     count = tl.load(KV_COUNT + blk_q)
-    count = tl.where(q_len > 0, count, 0)  # padding slots do no work
+    count = tl.where(q_len > part * BLOCK_M, count, 0)  # padding slots (and empty halves) do no work
     for j in range(0, count):
         blk_k = tl.load(KV_INDEX + blk_q * MAXK + j)
         k0 = tl.load(K_START + bh * NK + blk_k)
@@ -204,24 +209,26 @@ def _block_sparse_fwd(
 # Launch
 # ----------------------------------------------------------------------------------------------------------
 
-# Launch candidates timed on first use on a GPU (BLOCK_M is set by the layout's query block, BLOCK_N is the
-# KV tile: DEFAULT_BLOCK_N like the dense kernel, or the layout's smaller block).
+# Launch candidates timed on first use on a GPU (the query block is the layout's; SPLIT_M=2 gives each half
+# of a query block of ≥ 128 rows its own program; the KV tile is the layout's KV block, at most MAX_TILE_N).
 CANDIDATES = [
     dict(num_warps=4, num_stages=3),
     dict(num_warps=4, num_stages=2),
     dict(num_warps=8, num_stages=3),
     dict(num_warps=8, num_stages=2),
+    dict(num_warps=4, num_stages=3, SPLIT_M=2),
+    dict(num_warps=4, num_stages=2, SPLIT_M=2),
 ]
 _chosen: dict[tuple, dict] = {}
 
 
 def tile_sizes(block_m: int, block_n: int) -> tuple[int, int]:
     """The kernel's (BLOCK_M, BLOCK_N) for a layout's (block_m, block_n): one query block per program (the
-    next power of two ≥ 16), KV tiles of at most ``DEFAULT_BLOCK_N`` keys (longer KV blocks take several)."""
+    next power of two ≥ 16), KV tiles of at most ``MAX_TILE_N`` keys (longer KV blocks take several)."""
     if block_m > MAX_BLOCK_M:
         raise ValueError(f"block-sparse kernel: query blocks of at most {MAX_BLOCK_M} rows, got block_m={block_m}")
     bm = max(16, triton.next_power_of_2(block_m))
-    bn = max(16, min(DEFAULT_BLOCK_N, triton.next_power_of_2(block_n)))
+    bn = max(16, min(MAX_TILE_N, triton.next_power_of_2(block_n)))
     return bm, bn
 
 
@@ -244,6 +251,8 @@ def _pick_config(key, device, fallback: dict, launch) -> dict:
 
         best, best_ms = None, float("inf")
         for cand in CANDIDATES:
+            if cand.get("SPLIT_M", 1) > 1 and key[3] < 128:
+                continue
             try:
                 ms = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
             except Exception:  # a candidate the GPU cannot run (e.g. too much shared memory) is skipped
@@ -333,7 +342,9 @@ def block_sparse_fwd(
     dummy = q_start
 
     def launch(cfg):
-        return _block_sparse_fwd[(nq, b * h)](
+        cfg = dict(cfg)
+        split = cfg.pop("SPLIT_M", 1)
+        return _block_sparse_fwd[(nq * split, b * h)](
             qq, qs if qs is not None else dummy, kk, ks if ks is not None else dummy, vv,
             vs if vs is not None else dummy, vm if vm is not None else dummy,
             lse_off if lse_off is not None else dummy,
@@ -348,7 +359,8 @@ def block_sparse_fwd(
             slb, slh, sls,
             smb, smn,
             h, sq, skv, nq, nk, maxk, qk_scale,
-            D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dp, SINGLE_TILE=bn >= block_n, MODE=code, DOT_IEEE=dot_ieee,
+            D=d, BLOCK_M=bm // split, BLOCK_N=bn, BLOCK_D=dp, SINGLE_TILE=bn >= block_n, SPLIT_M=split,
+            MODE=code, DOT_IEEE=dot_ieee,
             HAS_MASK=mask is not None, PERM_Q=q_perm is not None,
             # the quantized modes read K/V already permuted: they need the KV index only for the key mask
             PERM_KV=kv_perm is not None and (code == MODE_DENSE or mask is not None),

@@ -289,14 +289,20 @@ def test_quantized_reference_within_quantization_error(precision):
 # kernel (interpreted on CPU)
 # ----------------------------------------------------------------------------------------------------------
 
-# (B, H, Sq, Skv, D, block_m, block_n): uneven clusters; block_n 80 > the 64-key tile takes two tiles per block
+# (B, H, Sq, Skv, D, block_m, block_n): uneven clusters; for block_n 80 the test narrows the kernel's widest KV
+# tile to 64 keys, so blocks longer than that take two tiles (the nested loop)
 KERNEL_CASES = [(1, 2, 70, 70, 32, 16, 16), (2, 2, 45, 83, 16, 32, 80), (1, 2, 52, 60, 40, 16, 32)]
 
 
 @pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("precision", ["int8-fp16", "int8-fp8"])
-def test_kernel_matches_reference_and_exact(case, precision):
+def test_kernel_matches_reference_and_exact(case, precision, monkeypatch):
     b, h, sq, skv, d, bm, bn = case
+    if bn > 64:
+        from sagevideo.kernels import block_sparse_attn
+
+        monkeypatch.setattr(block_sparse_attn, "MAX_TILE_N", 64)
+        assert not block_sparse_attn.tile_sizes(bm, bn)[1] >= bn
     q, k, v = structured_qkv(b, h, h, sq, skv, d, dtype=torch.float16, seed=sq + d)
     lay = _cluster_layout(b, h, sq, skv, bm, bn, seed=d)
     qp, kp, kpm = _perms(b, h, sq, 5), _perms(b, h, skv, 6), _kpm(b, skv, 7)
@@ -421,6 +427,25 @@ def test_kernel_equals_reference_when_tile_orders_coincide(precision):
     fin = torch.isfinite(r_lse)
     assert torch.equal(torch.isfinite(lse.cpu()), fin)
     torch.testing.assert_close(lse.cpu()[fin], r_lse[fin], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["int8-fp16", "dense"])
+def test_split_query_blocks_give_the_same_rows(precision, monkeypatch):
+    """SPLIT_M=2 (two programs per query block, half the rows each; a launch candidate on the GPU) computes
+    every row as one program per block does, including blocks shorter than half and padding slots."""
+    from sagevideo.kernels import block_sparse_attn
+
+    b, h, s, d = 1, 2, 90, 32
+    q, k, v = _dev(*structured_qkv(b, h, h, s, s, d, dtype=torch.float16, seed=41))
+    lay = _cluster_layout(b, h, s, s, 32, 16, seed=42).to(DEVICE)
+    perm = _perms(b, h, s, 43).to(DEVICE)
+    kw = dict(precision=precision, return_lse=True, q_perm=perm, kv_perm=perm)
+    out1, lse1 = block_sparse_attention(q, k, v, lay, **kw)
+    fallback = block_sparse_attn.default_config
+    monkeypatch.setattr(block_sparse_attn, "default_config", lambda bm, dp: dict(fallback(bm, dp), SPLIT_M=2))
+    out2, lse2 = block_sparse_attention(q, k, v, lay, **kw)
+    torch.testing.assert_close(out2, out1, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(lse2, lse1, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["int8-fp16", "int8-fp8"])
@@ -617,7 +642,11 @@ def test_gpu_kernel_accuracy(precision, dtype):
     else:
         cos_min, l1_max = EXACT_BOUNDS[precision]
         assert m["cos"] >= cos_min and m["rel_l1"] <= l1_max, m
-    torch.testing.assert_close(lse[:, :, rows].double(), want_lse, atol=0.3, rtol=0.02)
+    # INT8 QK error moves the LSE of rows that keep few keys most: on this input the torch reference (same
+    # quantized operands, CPU) misses row 182 of the fp16 case by 0.397, exactly as the kernel does (H100,
+    # 2026-11-23). So: typical rows tight, the worst row within half a nat.
+    err = (lse[:, :, rows].double().cpu() - want_lse.cpu()).abs()
+    assert err.median() < 0.05 and err.max() < 0.5, (err.median(), err.max())
 
 
 @pytest.mark.gpu
@@ -644,14 +673,20 @@ def test_gpu_kernel_matches_reference_tightly(precision):
 def test_gpu_full_list_matches_dense_op_and_perm_round_trip():
     b, h, s, d = 1, 4, 4096, 128
     q, k, v = structured_qkv(b, h, h, s, s, d, dtype=torch.bfloat16, device="cuda", seed=95)
+    from sagevideo.kernels import block_sparse_attn, quant_attn
+
     want = sagevideo.attention(q, k, v, precision="int8-fp8")
+    dense_tile = quant_attn.last_config()["BLOCK_N"]
     st, ln = uniform_blocks(b, h, s, 128, "cuda")
     nb = st.shape[2]
     lay = block_mask_to_layout(st, ln, st, ln, torch.ones(b, h, nb, nb, dtype=torch.bool, device="cuda"), 128, 128)
-    # no permutation: the same 64-key tiles in the same order as the dense kernel; bf16 output rounding only
     out = block_sparse_attention(q, k, v, lay, precision="int8-fp8")
     m = error_metrics(out, want)
-    assert m["rel_l1"] < 3e-3, m
+    if block_sparse_attn.tile_sizes(128, 128)[1] == dense_tile:
+        # no permutation and the same KV tiles in the same order as the dense kernel: bf16 output rounding only
+        assert m["rel_l1"] < 3e-3, m
+    else:  # other tiles: P rounds against other running maxima
+        assert m["cos"] >= EXACT_BOUNDS["int8-fp8"][0] and m["rel_l1"] <= EXACT_BOUNDS["int8-fp8"][1], m
     # permuted: another tile order (P rounds differently), still within the dense op's bounds of exact
     perm = _perms(b, h, s, 96).cuda()
     out_p = block_sparse_attention(q, k, v, lay, precision="int8-fp8", q_perm=perm, kv_perm=perm)
