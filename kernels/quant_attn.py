@@ -156,17 +156,22 @@ def _quant_attn_fwd(
         tl.store(LSE + b * stride_lb + h * stride_lh + offs_m * stride_ls, lse, mask=m_ok)
 
 
-# Launch candidates timed on first use (BLOCK_N stays DEFAULT_BLOCK_N: it is also the KV tile the torch
-# reference walks to reproduce the kernel's rounding). Measured on an H100 (benchmarks/RESULTS.md): 4 warps
-# with 128-row tiles beat 8 warps by ~45% for int8-fp16 at head_dim 128.
+# Launch candidates timed on first use. BLOCK_N is also the KV tile the torch reference must walk to reproduce
+# the kernel's rounding exactly (``last_config()`` says which one ran). Measured on an H100
+# (benchmarks/RESULTS.md): 4 warps with 128-row tiles beat 8 warps by ~45% for int8-fp16 at head_dim 128, and
+# int8-fp8 ran at 685 TOPS with 64-row tiles over 128-key tiles against 457 over 64-key tiles.
 CANDIDATES = [
-    dict(BLOCK_M=128, num_warps=4, num_stages=3),
-    dict(BLOCK_M=128, num_warps=4, num_stages=2),
-    dict(BLOCK_M=128, num_warps=8, num_stages=3),
-    dict(BLOCK_M=64, num_warps=4, num_stages=3),
-    dict(BLOCK_M=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
+    dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2),
+    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3),
 ]
 _chosen: dict[tuple, dict] = {}
+_last: dict = {}
 
 
 def default_config(dp: int, pv_fp8: bool, device=None) -> dict:
@@ -177,6 +182,12 @@ def default_config(dp: int, pv_fp8: bool, device=None) -> dict:
 def chosen_configs() -> dict:
     """Configurations picked so far, keyed by (device capability, head_dim, mode, masked)."""
     return dict(_chosen)
+
+
+def last_config() -> dict:
+    """The launch configuration of the most recent kernel launch (``BLOCK_N`` is the KV tile to give the torch
+    reference, ``reference.quant_attention_ref(..., block_n=...)``, to reproduce its rounding)."""
+    return dict(_last)
 
 
 def _pick_config(qkv: QuantizedQKV, masked: bool, launch) -> dict:
@@ -190,14 +201,13 @@ def _pick_config(qkv: QuantizedQKV, masked: bool, launch) -> dict:
 
         best, best_ms = None, float("inf")
         for cand in CANDIDATES:
-            cfg = dict(cand, BLOCK_N=DEFAULT_BLOCK_N)
             try:
-                ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+                ms = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
             except Exception:  # a candidate the GPU cannot run (e.g. too much shared memory) is skipped
                 continue
             if ms < best_ms:
-                best, best_ms = cfg, ms
-        _chosen[key] = best or default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8")
+                best, best_ms = cand, ms
+        _chosen[key] = dict(best or default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8"))
     return _chosen[key]
 
 
@@ -223,6 +233,8 @@ def attention_fwd(
 
         config = _pick_config(qkv, key_padding_mask is not None, launch)
     cfg = dict(config)
+    _last.clear()
+    _last.update(config)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     v = qkv.v
     if pv_fp8:  # (B, Hk, Dp, S_pad): element (n, d) lives at d * S_pad + n

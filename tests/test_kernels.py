@@ -22,6 +22,11 @@ from tests.conftest import HAS_CUDA
 triton = pytest.importorskip("triton")
 from sagevideo.kernels import quant_attn, quantize  # noqa: E402
 
+
+def _kernel_tile() -> int:
+    """The KV tile of the last kernel launch: the reference walks the same tiles to reproduce its rounding."""
+    return quant_attn.last_config().get("BLOCK_N", reference.DEFAULT_BLOCK_N)
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_real_fp8 = pytest.mark.skipif(
@@ -86,7 +91,8 @@ def test_int8_fp16_kernel_matches_reference(shape, masked, smooth_v):
     mask = _mask(b, skv, 2) if masked else None
     out, lse = _run_kernel(q, k, v, "int8-fp16", mask, smooth_v)
     r_out, r_lse = reference.quant_attention_ref(
-        q.cpu(), k.cpu(), v.cpu(), precision="int8-fp16", key_padding_mask=None if mask is None else mask.cpu(),
+        q.cpu(), k.cpu(), v.cpu(), block_n=_kernel_tile(), precision="int8-fp16",
+        key_padding_mask=None if mask is None else mask.cpu(),
         smooth_v=smooth_v,
     )
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) outputs"
@@ -104,7 +110,8 @@ def test_int8_fp8_kernel_matches_reference(shape, masked):
     mask = _mask(b, skv, 3) if masked else None
     out, lse = _run_kernel(q, k, v, "int8-fp8", mask)
     r_out, r_lse = reference.quant_attention_ref(
-        q.cpu(), k.cpu(), v.cpu(), precision="int8-fp8", key_padding_mask=None if mask is None else mask.cpu()
+        q.cpu(), k.cpu(), v.cpu(), block_n=_kernel_tile(), precision="int8-fp8",
+        key_padding_mask=None if mask is None else mask.cpu(),
     )
     assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) outputs"
     m = error_metrics(out.cpu(), r_out)
@@ -120,7 +127,7 @@ def test_int8_fp8_kernel_matches_reference(shape, masked):
 def test_bf16_inputs_on_gpu(precision):
     q, k, v = structured_qkv(2, 4, 2, 300, 333, 128, dtype=torch.bfloat16, device="cuda", seed=5)
     out, _ = _run_kernel(q, k, v, precision)
-    r_out, _ = reference.quant_attention_ref(q.cpu(), k.cpu(), v.cpu(), precision=precision)
+    r_out, _ = reference.quant_attention_ref(q.cpu(), k.cpu(), v.cpu(), precision=precision, block_n=_kernel_tile())
     m = error_metrics(out.cpu(), r_out.float())
     assert m["rel_l1"] < 6e-3, m  # bf16 output rounding (2^-9) dominates
 
@@ -130,6 +137,6 @@ def test_fp8_pv_two_level_accumulation_long_sequence():
     """At 32k keys a single truncating FP8 accumulator loses precision; the two-level scheme must not."""
     q, k, v = structured_qkv(1, 2, 2, 256, 32768, 128, dtype=torch.bfloat16, device="cuda", seed=9)
     out, _ = _run_kernel(q, k, v, "int8-fp8")
-    r_out, _ = reference.quant_attention_ref(q, k, v, precision="int8-fp8")
+    r_out, _ = reference.quant_attention_ref(q, k, v, precision="int8-fp8", block_n=_kernel_tile())
     m = error_metrics(out.float(), r_out.float())
     assert m["rel_l1"] < 6e-3, m
