@@ -6,11 +6,18 @@ at every sparse step, warm-starting from the previous step's centroids so that a
 This is Lloyd's algorithm, batched over the leading dimension:
 
 * init: ``k`` distinct points drawn with ``generator`` (or the given centroids: warm start);
-* assign: ``argmin_c ‖x − c‖² = argmin_c (‖c‖² − 2 x·c)``, in fp32 (fp64 for fp64 input), in chunks of points
-  so the ``N × chunk × k`` distance block stays under ``budget`` elements — never ``N × S × k`` at once;
+* assign: ``argmin_c ‖x − c‖² = argmin_c (‖c‖² − 2 x·c)`` (ties to the lowest index). On CUDA, for 16-bit
+  and fp32 points, a fused Triton kernel (``kernels/kmeans_assign.py``) tiles the points and the centroids
+  and keeps a running argmin, so no distance matrix is ever stored: the products are taken in the points'
+  dtype (16-bit points on the tensor cores against the centroids cast to 16 bits, fp32 accumulation; fp32
+  points in IEEE fp32). Elsewhere (CPU, fp64, other dtypes) the torch path computes it in fp32 (fp64 for
+  fp64 input), in chunks of points so the ``N × chunk × k`` distance block stays under ``budget`` elements —
+  never ``N × S × k`` at once;
 * update: per-cluster mean (scatter-add);
 * empty clusters are re-seeded deterministically: the ``e`` empty clusters of a set take, in cluster order,
-  the ``e`` points farthest from their assigned centroid (largest first, ties by lower index).
+  the ``e`` points farthest from their assigned centroid (largest first, ties by lower index). This is
+  computed unconditionally with tensor ops (it is a no-op without empty clusters), so a round never waits
+  for the GPU.
 
 The returned labels are those of the last assignment, the centroids those of the last update, and
 ``sizes`` counts the labels (a re-seeded cluster can therefore have size 0 in the returned labels).
@@ -19,6 +26,7 @@ The returned labels are those of the last assignment, the centroids those of the
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -55,7 +63,9 @@ def _chunk_rows(n: int, k: int, s: int, budget: int) -> int:
 
 
 def _assign(x, centroids, budget):
-    """Labels ``(N, S)`` and squared distance to the assigned centroid ``(N, S)``."""
+    """Labels ``(N, S)`` and squared distance to the assigned centroid ``(N, S)`` — the torch path, also the
+    reference of the Triton kernel: ``x`` upcast to the centroids' dtype (fp32, or fp64), the distance block
+    ``‖c‖² − 2 x·c`` formed ``chunk`` points at a time and reduced (ties to the lowest index)."""
     n, s, _ = x.shape
     k = centroids.shape[1]
     c_sq = (centroids * centroids).sum(-1)  # (N, k)
@@ -71,6 +81,32 @@ def _assign(x, centroids, budget):
     return labels, dist
 
 
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"k-means: backend must be one of {_BACKENDS}, got {backend!r}")
+    fits = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    if backend == "auto":
+        return x.is_cuda and fits
+    if backend == "torch":
+        return False
+    if not fits:
+        raise ValueError(f"k-means: the Triton backend takes fp16, bf16 or fp32 points, got {x.dtype}")
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("k-means: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return True
+
+
+def _assign_triton(x, centroids):
+    """The fused Triton assignment (``kernels/kmeans_assign.py``); distances in the centroids' dtype (fp32)."""
+    from sagevideo.kernels.kmeans_assign import kmeans_assign
+
+    labels, dist = kmeans_assign(x, centroids)
+    return labels, dist.to(centroids.dtype)
+
+
 def _update(x, labels, dist, k, budget):
     """New centroids (means; empty clusters re-seeded) and cluster sizes of ``labels``."""
     n, s, d = x.shape
@@ -83,14 +119,14 @@ def _update(x, labels, dist, k, budget):
     sizes = torch.zeros(n, k, dtype=torch.int64, device=x.device)
     sizes.scatter_add_(1, labels, torch.ones_like(labels))
     centroids = sums / sizes.clamp_min(1)[..., None].to(dtype)
+    # The e empty clusters of a set take the e points farthest from their centroid, in cluster order. Done
+    # whether or not a cluster is empty (no host sync on `empty.any()`); without one it selects nothing.
     empty = sizes == 0
-    if bool(empty.any()):
-        # the e empty clusters of a set take the e points farthest from their centroid, in cluster order
-        order = torch.sort(dist, dim=1, descending=True, stable=True).indices  # (N, S)
-        rank = (torch.cumsum(empty.to(torch.int64), dim=1) - 1).clamp_min(0)  # (N, k)
-        point = torch.gather(order, 1, rank)  # (N, k)
-        seeds = torch.gather(x, 1, point[..., None].expand(-1, -1, d)).to(dtype)
-        centroids = torch.where(empty[..., None], seeds, centroids)
+    order = torch.sort(dist, dim=1, descending=True, stable=True).indices  # (N, S)
+    rank = (torch.cumsum(empty.to(torch.int64), dim=1) - 1).clamp_min(0)  # (N, k)
+    point = torch.gather(order, 1, rank)  # (N, k)
+    seeds = torch.gather(x, 1, point[..., None].expand(-1, -1, d)).to(dtype)
+    centroids = torch.where(empty[..., None], seeds, centroids)
     return centroids, sizes
 
 
@@ -103,6 +139,7 @@ def batched_kmeans(
     generator: torch.Generator | None = None,
     tol: float | None = None,
     budget: int = 1 << 26,
+    backend: str = "auto",
 ) -> KMeansResult:
     """Lloyd's k-means on each of ``N`` point sets ``x`` ``(N, S, D)``, all sets at once.
 
@@ -114,7 +151,13 @@ def batched_kmeans(
         generator: CPU generator for the initial choice (deterministic given its seed).
         tol: stop early once no centroid moved more than ``tol`` (L2) — costs one host sync per round; None
             (default) runs all ``iters`` rounds without syncing.
-        budget: most elements of one distance block (``N × chunk × k``).
+        budget: most elements of one distance block (``N × chunk × k``) of the torch assignment, and of one
+            ``N × chunk × D`` block of the update.
+        backend: the assignment: ``"auto"`` (default) the fused Triton kernel for CUDA fp16/bf16/fp32 points,
+            torch otherwise; ``"torch"`` always torch; ``"triton"`` always the kernel (fp16/bf16/fp32 points on
+            CUDA, or on the CPU under ``TRITON_INTERPRET=1``). The two agree up to rounding: the kernel takes
+            the products in the points' dtype (the centroids rounded to it) where torch upcasts the points to
+            fp32, so a point almost equidistant from two centroids may get either.
 
     Returns:
         :class:`KMeansResult` — labels from the last assignment, centroids from the last update.
@@ -131,9 +174,13 @@ def batched_kmeans(
                 f"k-means: init centroids must be (N, k, D) = {(x.shape[0], k, x.shape[2])}, got {tuple(init.shape)}"
             )
         centroids = init.to(device=x.device, dtype=_work_dtype(x))
+    triton_assign = _use_triton(x, backend)
     done = 0
     for _ in range(iters):
-        labels, dist = _assign(x, centroids, budget)
+        if triton_assign:
+            labels, dist = _assign_triton(x, centroids)
+        else:
+            labels, dist = _assign(x, centroids, budget)
         new, sizes = _update(x, labels, dist, k, budget)
         done += 1
         moved = None if tol is None else float((new - centroids).norm(dim=-1).max())
