@@ -12,7 +12,10 @@ length, a mid-trajectory timestep). For every mode, in the same process:
 * ``int8-fp16`` / ``int8-fp8`` — patched with that method for every DiT self-attention call;
 * ``sparse-spatiotemporal`` / ``sparse-semantic`` — every layer sparse with the method's defaults (``auto``
   precision), i.e. one forward of a step after the warm-up; profiling / k-means and permutation are inside the
-  timed forward (cold on the warm-up forward, warm-started after). The big models' default lists leave them
+  timed forward (cold on an untimed whole warm-up forward, warm-started after). ``sparse-spatiotemporal-forced``
+  raises the profiling tolerance so that every head takes its best pattern (random weights attend nearly
+  uniformly, so the real profile keeps them dense): the speed of a sparse step, not its accuracy. Each sparse
+  row reports the mean density the methods ran at and the head classes. The big models' default lists leave them
   out: ask for them with ``--modes``.
 
 Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward
@@ -78,7 +81,12 @@ MODELS = {
 }
 # the sparse modes run every layer sparse (a "sparse step": the warm-up steps and layer are not in one forward),
 # int8-fp8, planning (profiling / k-means + permutation) included in the timed forward
-MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotemporal", "sparse-semantic")
+MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotemporal", "sparse-semantic",
+         "sparse-spatiotemporal-forced")
+# Random weights give near-uniform attention, where profiling rightly keeps every head dense. The "-forced" mode
+# sets the profiling tolerance so high that every head takes its best pattern: the speed of a sparse step when
+# the patterns fit (as on trained models), not a statement about accuracy.
+MODE_METHODS = {"sparse-spatiotemporal-forced": ("sparse-spatiotemporal", {"tolerance": 1e30})}
 
 
 def _params(cfg: dict) -> int:
@@ -169,14 +177,18 @@ class _FirstBlocksOnly:
             setattr(self.model, attr, blocks)
 
 
-def _time_forward(model, inputs, reps: int, budget_s: float):
-    """(times in ms, peak bytes, activation bytes, output): a one-block warm-up, then 1 to ``reps`` timed
+def _time_forward(model, inputs, reps: int, budget_s: float, full_warmup: bool = False):
+    """(times in ms, peak bytes, activation bytes, output): a one-block warm-up (``full_warmup``: a whole
+    untimed forward, for the sparse methods, whose first call per layer plans cold), then 1 to ``reps`` timed
     forwards (as many as fit in ``budget_s`` after the first)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     with torch.inference_mode():
-        with _FirstBlocksOnly(model):
+        if full_warmup:
             model(**inputs)
+        else:
+            with _FirstBlocksOnly(model):
+                model(**inputs)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -235,10 +247,11 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
         for mode in modes:
             handle = None
             if mode != "sdpa":
-                method = "dense" if mode == "patched-dense" else mode
-                handle = patch_transformer(model, AttentionConfig.uniform(method))
+                method, params = MODE_METHODS.get(mode, ("dense" if mode == "patched-dense" else mode, {}))
+                handle = patch_transformer(model, AttentionConfig.uniform(method, **params))
             try:
-                times, peak, act, out = _time_forward(model, inputs, reps, per_mode)
+                times, peak, act, out = _time_forward(model, inputs, reps, per_mode,
+                                                      full_warmup=mode.startswith("sparse"))
             except torch.cuda.OutOfMemoryError:
                 row["modes"][mode] = {"skipped": "out of memory"}
                 log(f"{name} {mode}: out of memory")
@@ -247,11 +260,15 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
             finally:
                 if handle is not None:
                     guard = len(handle.guard_events)
+                    sparse = next(iter(handle.sparse_report().values()), None)
                     handle.unpatch()
             entry = {"ms": round(statistics.median(times), 2), "all_ms": [round(t, 2) for t in times],
                      "peak_gib": round(peak / 2**30, 3), "activation_gib": round(act / 2**30, 3)}
             if handle is not None:
                 entry["guard_events"] = guard
+                if sparse:
+                    entry["sparse_density"] = round(sparse["mean_density"], 4)
+                    entry["sparse_heads"] = sparse["heads"]
             if mode == "sdpa":
                 ref = out.float().cpu()  # off the GPU, so later modes' peaks are comparable
             elif ref is not None:
@@ -259,7 +276,9 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
             del out
             row["modes"][mode] = entry
             log(f"{name} {mode}: {entry['ms']:.1f} ms (median of {len(times)}), peak {entry['peak_gib']:.2f} GiB"
-                + (f", rel_l1 {entry['rel_l1']:.4f}" if "rel_l1" in entry else ""))
+                + (f", rel_l1 {entry['rel_l1']:.4f}" if "rel_l1" in entry else "")
+                + (f", density {entry['sparse_density']:.3f} heads {entry['sparse_heads']}" if "sparse_density" in entry
+                   else ""))
         base = row["modes"].get("sdpa", {}).get("ms")
         for entry in row["modes"].values():
             if base and "ms" in entry:

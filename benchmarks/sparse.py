@@ -16,7 +16,7 @@ For each shape, in one process and on the same inputs:
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
   attends in) and the output store through its inverse, plus the layout check (one host sync).
 
-Shapes: Wan2.1-14B 720p (B=1, H=40, S=75600 = 21×45×80 latent tokens, D=128) and HunyuanVideo 720p (B=1, H=24,
+Shapes: Wan2.1-1.3B 480p (B=1, H=12, S=32760 = 21×30×52, D=128), Wan2.1-14B 720p (B=1, H=40, S=75600 = 21×45×80 latent tokens, D=128) and HunyuanVideo 720p (B=1, H=24,
 S=119056 = 33×45×80 latent + 256 text tokens, D=128). Inputs have locality: Q and K are smooth random fields
 over the (T, H, W) grid plus noise (with sagevideo.testing's structure: a per-channel K offset, outlier
 channels, a V bias), so nearby tokens attend to each other. Block lists follow a local window: tokens are
@@ -49,6 +49,7 @@ import torch
 
 # name -> ((B, H, S, D), (T, H, W) latent grid, extra text tokens)
 SHAPES = {
+    "wan2.1-1.3b-480p": ((1, 12, 32760, 128), (21, 30, 52), 0),
     "wan2.1-14b-720p": ((1, 40, 75600, 128), (21, 45, 80), 0),
     "hunyuan-720p": ((1, 24, 119056, 128), (33, 45, 80), 256),
 }

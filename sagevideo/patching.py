@@ -590,6 +590,27 @@ class PatchHandle:
     def guard_events(self) -> list[GuardEvent]:
         return list(self.guard.events)
 
+    def sparse_report(self) -> dict[str, Any]:
+        """What the sparse methods did, per patched model: ``{"calls", "mean_density", "heads", "layers"}`` with
+        the call-weighted mean density over every (layer, heads) state, the head-class histogram of the last
+        spatial/temporal profiles, and each state's own :meth:`~sagevideo.sparse.api.SparseState.report`
+        (keyed ``"method/layer/heads"``). Empty when no sparse method ran."""
+        out: dict[str, Any] = {}
+        for st in self._states:
+            layers = {f"{key[0]}/{key[1]}/{key[2]}": state.report() for key, state in st.store.items()
+                      if isinstance(key, tuple) and hasattr(state, "report")}
+            if not layers:
+                continue
+            calls = sum(r["calls"] for r in layers.values())
+            dens = sum(r["mean_density"] * r["calls"] for r in layers.values() if r["mean_density"] is not None)
+            heads: dict[str, int] = {}
+            for r in layers.values():
+                for name, n in r.get("heads", {}).items():
+                    heads[name] = heads.get(name, 0) + n
+            out[st.name] = {"calls": calls, "mean_density": dens / calls if calls else None, "heads": heads,
+                            "layers": layers}
+        return out
+
     # -- step control (bare transformers) -----------------------------------------------------------------
 
     def set_step(self, step: int, num_steps: int) -> None:

@@ -131,6 +131,12 @@ def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
     assert sorted(k[1] for k in states) == list(range(1, tp.LAYERS))
     for state in states.values():  # k-means at every call (cond and uncond) of the sparse steps
         assert state.clusterings == state.calls == 2 * (tp.NUM_STEPS // 2) and state.last_density < 1.0
+    # the handle's summary: every sparse call counted, density the call-weighted mean of the layers'
+    rep = handle.sparse_report()["transformer"]
+    assert rep["calls"] == sum(s.calls for s in states.values())
+    want = sum(s.report()["mean_density"] * s.calls for s in states.values()) / rep["calls"]
+    assert abs(rep["mean_density"] - want) < 1e-12 and 0.0 < rep["mean_density"] < 1.0
+    assert sorted(rep["layers"]) == sorted(f"sparse-semantic/{k[1]}/{k[2]}" for k in states)
 
 
 def test_ring_and_unknown_grid_fall_back_to_the_dense_op(caplog):
