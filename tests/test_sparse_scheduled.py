@@ -113,6 +113,7 @@ def test_wan_pipeline_full_density_equals_dense_and_keeps_state_per_layer():
         # 2 calls per step (cond, uncond); profiled at steps 0 and 2 only (profile_every=2), the rest reuse it
         assert state.calls == 2 * tp.NUM_STEPS and state.profiles == tp.NUM_STEPS // 2
         assert state.last_density == 1.0
+        assert state.plan is not None  # kept: the next step reuses it
 
 
 def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
@@ -131,6 +132,8 @@ def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
     assert sorted(k[1] for k in states) == list(range(1, tp.LAYERS))
     for state in states.values():  # k-means at every call (cond and uncond) of the sparse steps
         assert state.clusterings == state.calls == 2 * (tp.NUM_STEPS // 2) and state.last_density < 1.0
+        # kmeans_every=1 re-plans at every call: the block lists are not held between calls, the centroids are
+        assert state.plan is None and state.k_centroids is not None
     # the handle's summary: every sparse call counted, density the call-weighted mean of the layers'
     rep = handle.sparse_report()["transformer"]
     assert rep["calls"] == sum(s.calls for s in states.values())

@@ -93,6 +93,13 @@ class SparseState:
         """Forget every slot and counter."""
         self.__init__(self.max_slots)
 
+    def drop_plans(self) -> None:
+        """Free the stored plans (block lists and permutations, tens of MB per layer at video sizes) and keep
+        what is reused across steps (head classes, centroids, counters). The next call builds a new plan; a
+        caller that re-plans at every call anyway (``profile_every``/``kmeans_every`` = 1) loses nothing."""
+        for slot in self._slots.values():
+            slot.plan = None
+
     def _slot(self, key: tuple) -> _Slot:
         slot = self._slots.pop(key, None) or _Slot()
         self._slots[key] = slot
