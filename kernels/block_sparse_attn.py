@@ -50,9 +50,9 @@ def _sparse_tile(
     cols, n_ok, b, bh,
     K, KS, V, MASK, KIDX,
     k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
-    Skv, offs_d, d_ok,
+    Skv, ks_stride, offs_d, d_ok,
     MODE: tl.constexpr, HAS_MASK: tl.constexpr, PERM_KV: tl.constexpr, DOT_IEEE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, KV_UNMASKED: tl.constexpr,
 ):
     """One KV tile (columns ``cols`` of the permuted sequence, ``n_ok`` = inside the block) of the online
     softmax. Scores are kept unscaled per row (``s1``); ``qs`` (> 0, includes scale·log2 e) is applied after
@@ -67,18 +67,26 @@ def _sparse_tile(
         krow = src
     else:
         krow = cols  # the quantized copies are already in the permuted order
-    # K as a (BLOCK_D, BLOCK_N) tile, i.e. already transposed for QKᵀ
-    k = tl.load(
-        K + k_base + krow[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-        mask=n_ok[None, :] & d_ok[:, None], other=0,
-    )
+    # K as a (BLOCK_D, BLOCK_N) tile, i.e. already transposed for QKᵀ. KV_UNMASKED (quantized copies with
+    # BLOCK_N zeroed keys past the end): read whole tiles without a mask, so the loads stay wide; columns past
+    # the block are finite and their scores are set to −inf below.
+    if KV_UNMASKED:
+        k = tl.load(K + k_base + krow[None, :] * stride_kn + offs_d[:, None] * stride_kd)
+    else:
+        k = tl.load(
+            K + k_base + krow[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+            mask=n_ok[None, :] & d_ok[:, None], other=0,
+        )
     if MODE == 0:
         if DOT_IEEE:
             s1 = tl.dot(q, k, input_precision="ieee")
         else:
             s1 = tl.dot(q, k)
     else:
-        ks = tl.load(KS + bh * Skv + cols, mask=n_ok, other=0.0)
+        if KV_UNMASKED:
+            ks = tl.load(KS + bh * ks_stride + cols)
+        else:
+            ks = tl.load(KS + bh * ks_stride + cols, mask=n_ok, other=0.0)
         # int32 → fp32 without I2F: for |x| < 2^22 the bits of x + 0x4B400000 read as a float equal
         # 12582912 + x exactly (|QKᵀ| ≤ 127²·128 < 2^22 for D ≤ 128); subtracting 12582912 is exact too.
         qk = tl.dot(q, k, out_dtype=tl.int32)
@@ -100,10 +108,13 @@ def _sparse_tile(
         vrow = src
     else:
         vrow = cols
-    v = tl.load(
-        V + v_base + vrow[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=n_ok[:, None] & d_ok[None, :], other=0.0,
-    )
+    if KV_UNMASKED:
+        v = tl.load(V + v_base + vrow[:, None] * stride_vn + offs_d[None, :] * stride_vd)
+    else:
+        v = tl.load(
+            V + v_base + vrow[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            mask=n_ok[:, None] & d_ok[None, :], other=0.0,
+        )
     if MODE == 2:
         # two-level accumulation: the tile's product in a fresh FP32 tile, then added (SageAttention2)
         pv = tl.dot(p.to(tl.float8e4nv), v, max_num_imprecise_acc=BLOCK_N)
@@ -125,11 +136,12 @@ def _block_sparse_fwd(
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_mn,
-    H, Sq, Skv, NQ, NK, MAXK, qk_scale,
+    H, Sq, Skv, NQ, NK, MAXK, qk_scale, ks_stride,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_TILE: tl.constexpr, SPLIT_M: tl.constexpr, MODE: tl.constexpr, DOT_IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr, PERM_Q: tl.constexpr, PERM_KV: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_OFF: tl.constexpr,
+    KV_UNMASKED: tl.constexpr, KV_ALIGN16: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -162,7 +174,7 @@ def _block_sparse_fwd(
     else:
         q = tl.load(Q + (bh * Sq + rows[:, None]) * BLOCK_D + offs_d[None, :], mask=m_ok[:, None], other=0)
         qs = tl.load(QS + bh * Sq + rows, mask=m_ok, other=1.0)
-        k_base = bh * Skv * BLOCK_D
+        k_base = bh * stride_kh
     v_base = b * stride_vb + h * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -174,13 +186,15 @@ def _block_sparse_fwd(
     for j in range(0, count):
         blk_k = tl.load(KV_INDEX + blk_q * MAXK + j)
         k0 = tl.load(K_START + bh * NK + blk_k)
+        if KV_ALIGN16:  # every KV block starts at a multiple of 16 keys (checked on the host)
+            k0 = tl.multiple_of(k0, 16)
         k_len = tl.load(K_LEN + bh * NK + blk_k)
         if SINGLE_TILE:
             acc, l_i, m_i = _sparse_tile(
                 acc, l_i, m_i, q, qs, k0 + offs_n, offs_n < k_len, b, bh,
                 K, KS, V, MASK, KIDX,
                 k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
-                Skv, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N,
+                Skv, ks_stride, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N, KV_UNMASKED,
             )
         else:
             for t in range(0, k_len, BLOCK_N):
@@ -188,7 +202,7 @@ def _block_sparse_fwd(
                     acc, l_i, m_i, q, qs, k0 + t + offs_n, offs_n < k_len - t, b, bh,
                     K, KS, V, MASK, KIDX,
                     k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
-                    Skv, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N,
+                    Skv, ks_stride, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N, KV_UNMASKED,
                 )
 
     valid = l_i > 0.0
@@ -283,6 +297,7 @@ def block_sparse_fwd(
     q_perm: torch.Tensor | None = None,
     kv_perm: torch.Tensor | None = None,
     lse_bhs: torch.Tensor | None = None,
+    kv_aligned: bool = False,
     config: dict | None = None,
 ):
     """Launch the block-sparse kernel; returns Triton's launch handle.
@@ -297,6 +312,10 @@ def block_sparse_fwd(
     contiguous int32 ``(B, H, S)`` or None; ``key_padding_mask`` bool ``(B, Skv)`` in the original order.
     ``out_bhsd`` (any strides) and ``lse_bhs`` (fp32, any strides) receive the rows covered by query blocks,
     in the original order; rows in no query block are not written.
+
+    Quantized operands made with ``kv_tail`` ≥ the KV tile (``quantize_qkv(..., kv_tail=MAX_TILE_N)``) are
+    read in whole unmasked tiles; ``kv_aligned=True`` promises that every KV block starts at a multiple of 16
+    keys (the caller checks it), which lets those loads be 16 bytes wide.
     """
     if mode not in _MODES:
         raise ValueError(f"block_sparse_fwd: mode must be one of {tuple(_MODES)}, got {mode!r}")
@@ -315,6 +334,7 @@ def block_sparse_fwd(
             scale = q.shape[-1] ** -0.5
         qk_scale = scale * LOG2E
         dot_ieee = q.dtype == torch.float32
+        ks_stride, kv_tail = 0, 0
     else:
         qkv = q
         if qkv.precision != mode:
@@ -326,7 +346,11 @@ def block_sparse_fwd(
             qkv.q, qkv.q_scale, qkv.k, qkv.k_scale, qkv.v, qkv.v_scale, qkv.v_mean, qkv.lse_offset
         )
         sqb = sqh = sqs = sqd = 0
-        skb, skh, skn, skd = 0, 0, dp, 1
+        if qkv.k.stride(0) != h * qkv.k.stride(1) or qkv.k_scale.stride(0) != h * qkv.k_scale.stride(1):
+            raise ValueError("block_sparse_fwd: quantized K and its scales must be (B, H)-contiguous buffers")
+        skb, skh, skn, skd = 0, qkv.k.stride(1), qkv.k.stride(2), 1
+        ks_stride = qkv.k_scale.stride(1)
+        kv_tail = qkv.kv_tail
         if code == MODE_INT8_FP8:  # (B, H, Dp, S_pad): element (n, d) lives at d * S_pad + n
             svb, svh, svn, svd = vv.stride(0), vv.stride(1), vv.stride(3), vv.stride(2)
         else:
@@ -335,6 +359,7 @@ def block_sparse_fwd(
         dot_ieee = False
     nq, nk, maxk = q_start.shape[2], k_start.shape[2], kv_index.shape[3]
     bm, bn = tile_sizes(block_m, block_n)
+    unmasked = code != MODE_DENSE and kv_tail >= bn
     mask = key_padding_mask
     smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
     lse = lse_bhs
@@ -358,18 +383,19 @@ def block_sparse_fwd(
             *out_bhsd.stride(),
             slb, slh, sls,
             smb, smn,
-            h, sq, skv, nq, nk, maxk, qk_scale,
+            h, sq, skv, nq, nk, maxk, qk_scale, ks_stride,
             D=d, BLOCK_M=bm // split, BLOCK_N=bn, BLOCK_D=dp, SINGLE_TILE=bn >= block_n, SPLIT_M=split,
             MODE=code, DOT_IEEE=dot_ieee,
             HAS_MASK=mask is not None, PERM_Q=q_perm is not None,
             # the quantized modes read K/V already permuted: they need the KV index only for the key mask
             PERM_KV=kv_perm is not None and (code == MODE_DENSE or mask is not None),
             SMOOTH_V=vm is not None, RETURN_LSE=lse is not None, HAS_LSE_OFF=lse_off is not None,
+            KV_UNMASKED=unmasked, KV_ALIGN16=bool(kv_aligned),
             **cfg,
         )
 
     fallback = default_config(bm, dp)
     if config is None:
-        key = (dp, mode, str(out_bhsd.dtype), bm, bn, mask is not None)
+        key = (dp, mode, str(out_bhsd.dtype), bm, bn, mask is not None, unmasked, bool(kv_aligned))
         config = _pick_config(key, out_bhsd.device, fallback, launch)
     return launch(config)

@@ -36,13 +36,14 @@ _EPS = tl.constexpr(AMAX_EPS)
 def _quant_int8_rows(
     X, MEAN, OUT, SCALE, KM, LSE_OFF, IDX,
     stride_xb, stride_xh, stride_xs, stride_xd,
-    H, S, D, group, mult, lse_mult,
+    H, S, D, group, mult, lse_mult, S_ALLOC,
     HAS_MEAN: tl.constexpr, HAS_KM: tl.constexpr, HAS_IDX: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program quantizes BLOCK_S tokens of one (batch, head) to INT8 with a scale per token.
 
-    ``OUT`` is contiguous ``(B, H, S, BLOCK_D)`` (channels past D are written as zeros). With ``HAS_KM`` the
+    ``OUT`` is a contiguous ``(B, H, S_ALLOC, BLOCK_D)`` buffer and ``SCALE`` ``(B, H, S_ALLOC)``, of which
+    the first ``S`` rows per (batch, head) are written (channels past D as zeros). With ``HAS_KM`` the
     program also writes ``lse_mult · x·km`` per token (the LSE correction of K smoothing) from the fp32 row.
     With ``HAS_IDX`` output row ``s`` is input row ``IDX[b, h, s]`` (IDX contiguous int32 ``(B, H, S)``).
     """
@@ -70,9 +71,9 @@ def _quant_int8_rows(
     xs = x * tl.math.div_rn(tl.full([BLOCK_S], 127.0, tl.float32), amax)[:, None]
     xq = tl.where(xs >= 0, xs + 0.5, xs - 0.5)  # the cast truncates: round half away from zero
     xq = tl.minimum(tl.maximum(xq, -127.0), 127.0).to(tl.int8)
-    out_ptrs = OUT + (bh * S + offs_s[:, None]) * BLOCK_D + offs_d[None, :]
+    out_ptrs = OUT + (bh * S_ALLOC + offs_s[:, None]) * BLOCK_D + offs_d[None, :]
     tl.store(out_ptrs, xq, mask=row_ok[:, None])
-    tl.store(SCALE + bh * S + offs_s, amax * (mult / 127.0), mask=row_ok)
+    tl.store(SCALE + bh * S_ALLOC + offs_s, amax * (mult / 127.0), mask=row_ok)
 
 
 @triton.jit
@@ -128,6 +129,7 @@ def quantize_qkv(
     need_lse: bool = False,
     q_gather: torch.Tensor | None = None,
     kv_gather: torch.Tensor | None = None,
+    kv_tail: int = 0,
 ) -> QuantizedQKV:
     """Quantization pass on the GPU (BHSD views, any strides). Same layout as the torch reference.
 
@@ -141,6 +143,10 @@ def quantize_qkv(
     ``key_padding_mask`` stays in the input (un-gathered) order. An index must hold a permutation of
     ``0..S-1`` per (batch, head) for that to be the permuted sequence; values are not checked here. With
     both None (the default) the pass is exactly the ungathered one.
+
+    ``kv_tail`` (``int8-fp8`` only; ignored otherwise): the K, K-scale and Vᵀ buffers get that many zeroed
+    keys after ``Skv`` (``k``/``k_scale`` become views of them, ``QuantizedQKV.kv_tail`` records it), so the
+    block-sparse kernel can read whole KV tiles past any block start without masks.
     """
     b, hq, sq, d = q.shape
     hk, skv = k.shape[1], k.shape[2]
@@ -163,22 +169,32 @@ def quantize_qkv(
     lse_off = torch.empty((b, hq, sq), dtype=torch.float32, device=dev) if need_lse else qs
     _quant_int8_rows[(triton.cdiv(sq, bs), b * hq)](
         q, k_mean, q8, qs, k_mean, lse_off, q_idx if q_idx is not None else qs,
-        *q.stride(), hq, sq, d, hq // hk, scale * LOG2E, scale,
+        *q.stride(), hq, sq, d, hq // hk, scale * LOG2E, scale, sq,
         HAS_MEAN=False, HAS_KM=need_lse, HAS_IDX=q_idx is not None, BLOCK_S=bs, BLOCK_D=dp,
     )
-    k8 = torch.empty((b, hk, skv, dp), dtype=torch.int8, device=dev)
-    ks = torch.empty((b, hk, skv), dtype=torch.float32, device=dev)
+    tail = int(kv_tail) if fp8 else 0
+    if tail < 0:
+        raise ValueError(f"quantize_qkv: kv_tail must be >= 0, got {kv_tail}")
+    if tail:
+        k8 = torch.zeros((b, hk, skv + tail, dp), dtype=torch.int8, device=dev)[:, :, :skv]
+        ks = torch.zeros((b, hk, skv + tail), dtype=torch.float32, device=dev)[:, :, :skv]
+    else:
+        k8 = torch.empty((b, hk, skv, dp), dtype=torch.int8, device=dev)
+        ks = torch.empty((b, hk, skv), dtype=torch.float32, device=dev)
     _quant_int8_rows[(triton.cdiv(skv, bs), b * hk)](
         k, k_mean, k8, ks, k_mean, ks, kv_idx if kv_idx is not None else ks,
-        *k.stride(), hk, skv, d, 1, 1.0, 1.0,
+        *k.stride(), hk, skv, d, 1, 1.0, 1.0, skv + tail,
         HAS_MEAN=True, HAS_KM=False, HAS_IDX=kv_idx is not None, BLOCK_S=bs, BLOCK_D=dp,
     )
     vm = None if v_mean is None else torch.nn.functional.pad(v_mean, (0, dp - d)).contiguous()
     if fp8:
         amax = v_amax.clamp_min(AMAX_EPS)
         inv = (FP8_MAX / amax).contiguous()
-        s_pad = triton.cdiv(skv, 16) * 16  # 16-byte aligned rows of Vᵀ
-        v8 = torch.empty((b, hk, dp, s_pad), dtype=torch.float8_e4m3fn, device=dev)
+        s_pad = triton.cdiv(skv + tail, 16) * 16  # 16-byte aligned rows of Vᵀ
+        if tail:  # finite zeros past S_kv: the unmasked tiles multiply them by P = 0
+            v8 = torch.zeros((b, hk, dp, s_pad), dtype=torch.float8_e4m3fn, device=dev)
+        else:
+            v8 = torch.empty((b, hk, dp, s_pad), dtype=torch.float8_e4m3fn, device=dev)
         # Channels past D are written as zeros; columns past S_kv are never read (the kernel masks them).
         _quant_v_fp8_t[(triton.cdiv(skv, bs), b * hk)](
             v, v_mean if v_mean is not None else inv, inv, v8, kv_idx if kv_idx is not None else inv,
@@ -195,4 +211,4 @@ def quantize_qkv(
         else:
             vq = v if v.dtype == pv_dtype else v.to(pv_dtype)  # no copy for FP16/BF16 inputs
         v8, v_scale = vq, None
-    return QuantizedQKV(q8, qs, k8, ks, v8, v_scale, vm, lse_off if need_lse else None, precision, d)
+    return QuantizedQKV(q8, qs, k8, ks, v8, v_scale, vm, lse_off if need_lse else None, precision, d, tail)

@@ -110,6 +110,9 @@ class QuantizedQKV:
       ``(B, Hk, Skv, D)`` (possibly a strided view of the caller's V when no smoothing is needed)
     * ``v_scale``: fp32 ``(B, Hk, Dp)`` (FP8 only); ``v_mean``: fp32 ``(B, Hk, Dp)`` when ``smooth_v``
     * ``lse_offset``: fp32 ``(B, Hq, Sq)`` = ``scale·q·mean(K)``, to turn the smoothed LSE into the true one
+    * ``kv_tail``: zeroed keys that follow ``Skv`` in the buffers under ``k``, ``k_scale`` and (FP8) ``v``
+      (``k``/``k_scale`` are then views of longer buffers), so a kernel may read whole tiles past any block
+      without masks; 0 by default
     """
 
     q: torch.Tensor
@@ -122,6 +125,7 @@ class QuantizedQKV:
     lse_offset: torch.Tensor | None
     precision: str
     head_dim: int
+    kv_tail: int = 0
 
 
 def pv_dtype_for(dtype: torch.dtype) -> torch.dtype:

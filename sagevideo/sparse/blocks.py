@@ -406,10 +406,11 @@ def _validate(q, k, v, layout, tensor_layout, precision, scale, key_padding_mask
     return b, hq, sq, skv, d
 
 
-def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: str) -> bool:
+def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: str) -> tuple[bool, bool]:
     """Range and consistency checks of the layout's (and permutations') values, with one host sync.
 
-    Returns whether the query blocks cover every query row (if not, uncovered rows must be zero-filled).
+    Returns whether the query blocks cover every query row (if not, uncovered rows must be zero-filled), and
+    whether every live KV block starts at a multiple of 16 keys (the kernel may then load 16 bytes at once).
     """
     dev = layout.device
     flags, messages = [], []
@@ -453,11 +454,12 @@ def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: 
         hits.scatter_add_(2, torch.where(ok_range, perm, 0).long(), torch.ones_like(perm, dtype=torch.int32))
         add((hits == 1).all(), f"{name} must be a permutation of 0..{s - 1} for every (batch, head)")
     covered = (cover_q >= 1).all() if sq > 0 else torch.ones((), dtype=torch.bool, device=dev)
-    values = torch.stack([*flags, covered.reshape(())]).tolist()
-    for ok, msg in zip(values[:-1], messages):
+    aligned = ((layout.k_start % 16 == 0) | (layout.k_len == 0)).all()
+    values = torch.stack([*flags, covered.reshape(()), aligned.reshape(())]).tolist()
+    for ok, msg in zip(values[:-2], messages):
         if not ok:
             raise ValueError(f"{where}: invalid layout or permutation: {msg}")
-    return bool(values[-1])
+    return bool(values[-2]), bool(values[-1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,7 +487,8 @@ def _kernel_ok(device: torch.device, mode: str, dtype: torch.dtype) -> bool:
     return False
 
 
-def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v, out_bhsd, lse_bhs, covered):
+def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v, out_bhsd, lse_bhs, covered,
+                kv_aligned=False):
     """The Triton path (BHSD views in; writes ``out_bhsd``/``lse_bhs`` in the original order)."""
     from sagevideo.kernels import block_sparse_attn, quantize
 
@@ -508,9 +511,12 @@ def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v
     qkv = quantize.quantize_qkv(
         qb, kb, vb, scale=scale, precision=mode, key_padding_mask=mask, smooth_v=smooth_v,
         need_lse=lse_bhs is not None, q_gather=qp, kv_gather=kp,
+        # zeroed keys past the end: the kernel reads whole KV tiles without masks (FP8 V only)
+        kv_tail=block_sparse_attn.tile_sizes(layout.block_m, layout.block_n)[1],
     )
     block_sparse_attn.block_sparse_fwd(
         mode, qkv, None, None, out_bhsd, **geometry, key_padding_mask=mask, q_perm=qp, kv_perm=kp, lse_bhs=lse_bhs,
+        kv_aligned=kv_aligned,
     )
 
 
@@ -581,14 +587,17 @@ def block_sparse_attention(
             f"{where}: query blocks of at most {MAX_BLOCK_M} rows are supported (one kernel program holds a "
             f"whole query block), the layout has block_m={layout.block_m}"
         )
-    covered = _check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout else False
+    # one host sync: the checks, whether every row is in a query block, and whether every KV block starts at
+    # a multiple of 16 keys (wide loads in the kernel); without the check, assume neither
+    covered, kv_aligned = _check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout else (False, False)
     scale = reference.default_scale(d) if scale is None else scale
     qb, kb, vb = (_to_bhsd(t, tensor_layout) for t in (q, k, v))
     out_bhsd = _to_bhsd(out, tensor_layout)
     mode = ops.resolve_precision(precision, q.device, d)
     if _kernel_ok(q.device, mode, q.dtype):
         _run_kernel(
-            qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v, out_bhsd, lse, covered
+            qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v, out_bhsd, lse, covered,
+            kv_aligned,
         )
     else:
         o, l = _run_reference(qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v)
