@@ -195,7 +195,7 @@ def sampled_reference(q, k, v, rows, mask_rows=None):
 
 
 def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sample_rows, perm_kind, tile, block,
-                smoke, log=print):
+                smoke, profile_plan=False, log=print):
     import sagevideo
     from sagevideo.bench import _flops
     from sagevideo.sparse import blocks
@@ -285,6 +285,8 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
             return plan_sparse(*x, state=state, step=next(step), **kw)
 
         plan_ms = measure(plan, sets, warmup=warmup, reps=reps, cuda=cuda)
+        if profile_plan:
+            _print_plan_profile(method, plan, sets[0], cuda)
         density = state.plan.density if state.plan is not None else plan0.density
 
         def full(x, kw=kw):
@@ -303,6 +305,25 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
     if cuda:
         torch.cuda.empty_cache()
     return results
+
+
+def _print_plan_profile(method, plan, x, cuda):
+    """One warm plan call under torch.profiler: where its time goes (ops by device time, host syncs, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        plan(x)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    sort = "cuda_time_total" if cuda else "cpu_time_total"
+    print(f"plan profile ({method}): {sum(e.count for e in events if e.key.startswith('aten::'))} aten calls")
+    print(events.table(sort_by=sort, row_limit=25))
+    for name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel"):
+        n = sum(e.count for e in events if e.key == name)
+        if n:
+            print(f"  {name}: {n}")
 
 
 def format_table(rows: list[Row]) -> str:
@@ -336,6 +357,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", type=int, default=2, help="input sets cycled through (default 2)")
     ap.add_argument("--sample-rows", type=int, default=256, help="query rows in the accuracy check")
     ap.add_argument("--out", help="write the rows and the environment to this JSON file")
+    ap.add_argument("--profile-plan", action="store_true",
+                    help="print a torch.profiler table of one warm plan call per method (where the overhead goes)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, tiny shape, few calls: checks the script end to end in seconds (not a measurement)")
     args = ap.parse_args(argv)
@@ -372,7 +395,7 @@ def main(argv=None) -> int:
     for n in names:
         rows += bench_shape(n, shapes[n], precisions=args.precisions, densities=args.densities, reps=reps,
                             warmup=warmup, fresh=fresh, sample_rows=sample_rows, perm_kind=args.perm, tile=tile,
-                            block=block, smoke=args.smoke)
+                            block=block, smoke=args.smoke, profile_plan=args.profile_plan)
     if torch.cuda.is_available() and not args.smoke:
         from sagevideo.kernels import block_sparse_attn
 
