@@ -187,6 +187,32 @@ def heldout_prompts() -> list[dict]:
     ]
 
 
+def heldout_scenes(frames: int, height: int, width: int, seed: int = 0) -> list["Scene"]:
+    """What a correct generation of each :func:`heldout_prompts` prompt shows: the object (medium size, the
+    palette colour) moving "quickly" the stated way on the black background, its path inside the frame (start
+    drawn from ``random.Random(seed)``). The reference for the evaluation's checks: rendered, and through the
+    VAE (:func:`evaluate.heldout_reference`), they show what a perfect transformer could score."""
+    rng = random.Random(seed)
+    aspect = width / height
+    half = (0.5 * max(aspect, 1.0), 0.5 * max(1.0 / aspect, 1.0))
+    scenes = []
+    for p in heldout_prompts():
+        radius = rng.uniform(*SIZES[""])
+        ux, uy = DIRECTIONS[p["direction"]]
+        v = SPEEDS["quickly"]
+        vel = (ux * v, uy * v)
+        pos = []
+        for d, h in zip((vel[0] * (frames - 1), vel[1] * (frames - 1)), half):
+            lo, hi = -h + radius * 1.05, h - radius * 1.05
+            a, b = (lo, hi - d) if d >= 0 else (lo - d, hi)
+            pos.append(rng.uniform(a, b) if a < b else 0.5 * (lo + hi) - 0.5 * d)
+        obj = ObjectSpec(p["shape"], p["colour"], COLOURS[p["colour"]], p["direction"], "quickly", "", radius,
+                         (pos[0], pos[1]), vel)
+        black = BACKGROUNDS["black"]
+        scenes.append(Scene(caption=p["prompt"], background="solid", bg_a=black, bg_b=black, objects=[obj]))
+    return scenes
+
+
 # ----------------------------------------------------------------------------------------------------
 # Scene description (pure Python, deterministic)
 # ----------------------------------------------------------------------------------------------------

@@ -169,6 +169,50 @@ def vae_reconstruction(vae, renderer, seed: int, clips: int, frames: int, height
     }
 
 
+def _summary(results: list[dict]) -> dict:
+    colour = [r["colour_ok"] for r in results if "colour_ok" in r]
+    motion = [r["direction_ok"] for r in results if "direction_ok" in r]
+    return {
+        "colour_ok": f"{sum(colour)}/{len(colour)}",
+        "direction_ok": f"{sum(motion)}/{len(motion)}",
+        "mean_hue_error": float(np.nanmean([r.get("hue_error", np.nan) for r in results])) if results else float("nan"),
+        "mean_object_fraction": float(np.mean([r["object_fraction"] for r in results])) if results else float("nan"),
+    }
+
+
+def _frames(video: torch.Tensor) -> np.ndarray:
+    """``[3, T, H, W]`` in [-1, 1] -> ``[T, H, W, 3]`` in [0, 1]."""
+    return ((video.float().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0).cpu().numpy()
+
+
+@torch.no_grad()
+def heldout_reference(vae, renderer, frames: int, height: int, width: int, seed: int = 0,
+                      autocast: bool = False) -> dict:
+    """The evaluation's checks on what a correct answer to each held-out prompt looks like
+    (:func:`data.heldout_scenes`): the rendered clips, and the same clips through the VAE (encode, decode).
+    The second is the best a perfect transformer could score with this VAE; a low score there means the VAE,
+    not the transformer, loses the objects. Also the reconstruction PSNR of those clips, and for scale the
+    PSNR of the same clips with the objects erased (the black background alone): a VAE that does not beat it
+    by a wide margin does not reproduce the objects."""
+    import dataclasses
+
+    from sagevideo.recipes.tiny_wan.data import heldout_prompts, heldout_scenes
+
+    device = renderer.device
+    scenes = heldout_scenes(frames, height, width, seed)
+    video = renderer.render(scenes, frames, height, width)
+    empty = renderer.render([dataclasses.replace(s, objects=[]) for s in scenes], frames, height, width)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        rec = vae.decode(vae.encode(video).latent_dist.mode()).sample
+    out = {"size": [frames, height, width]}
+    for name, clips in (("render", video), ("vae", rec)):
+        results = [check_video(_frames(v), p["colour"], p["direction"]) for v, p in zip(clips, heldout_prompts())]
+        out[name] = _summary(results)
+    out["vae"]["psnr"] = float(psnr(video, rec.float()).mean())
+    out["objects_erased_psnr"] = float(psnr(video, empty).mean())
+    return out
+
+
 def generate(pipe, prompt: str, frames: int, height: int, width: int, steps: int, guidance: float, seed: int,
              negative_prompt: str | None = None) -> np.ndarray:
     """One video ``[T, H, W, 3]`` in [0, 1] with a CPU generator (so seeds mean the same on any device)."""
@@ -200,15 +244,11 @@ def evaluate_prompts(pipe, prompts: list[dict], frames: int, height: int, width:
         r = check_video(video, p.get("colour"), p.get("direction"))
         r["prompt"] = p["prompt"]
         results.append(r)
-    colour = [r["colour_ok"] for r in results if "colour_ok" in r]
-    motion = [r["direction_ok"] for r in results if "direction_ok" in r]
     return {
         "size": [frames, height, width],
         "steps": steps,
         "guidance": guidance,
-        "colour_ok": f"{sum(colour)}/{len(colour)}",
-        "direction_ok": f"{sum(motion)}/{len(motion)}",
-        "mean_hue_error": float(np.nanmean([r.get("hue_error", np.nan) for r in results])),
+        **_summary(results),
         "seconds_per_video": (time.time() - t0) / max(1, len(results)),
         "results": results,
     }

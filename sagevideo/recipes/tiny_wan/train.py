@@ -10,7 +10,9 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
 1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips (L1 + L2 + image-gradient
    L1 + a small KL), through the VAE's own causal chunked encode/decode, so what is trained is exactly
    what the pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as
-   the pipeline expects) and reconstruction PSNR on held-out clips at the default size.
+   the pipeline expects), reconstruction PSNR on held-out clips at the default size, and the evaluation's
+   colour / direction checks on correct answers to the held-out prompts passed through the VAE
+   (:func:`evaluate.heldout_reference`: the best any transformer could score with this VAE).
 2. **Text encoder + transformer** jointly, rectified-flow velocity loss, 10% caption dropout (so
    classifier-free guidance has an unconditional branch, the empty prompt the pipeline uses by default).
    Batches alternate between 33x256x256 (default size, 80%) and 17x128x128 (20%; the size the CPU tests
@@ -593,6 +595,18 @@ class Trainer:
         self.log(f"[vae] held-out reconstruction PSNR {st['heldout']['psnr']:.2f} dB "
                  f"{ {k: round(v, 2) for k, v in st['heldout']['psnr_by_kind'].items()} } on {c['psnr_clips']} clips "
                  f"{pf}x{ph}x{pw}; latent std {[round(float(v), 2) for v in std]} ({time.time() - t:.1f}s)")
+        # the evaluation's colour / direction checks on correct answers to the held-out prompts, rendered and
+        # through this VAE: the ceiling a perfect transformer could reach (tells a VAE that loses the small
+        # objects from an under-trained transformer)
+        st["heldout_reference"] = {}
+        for rf, rh, rw in c["eval_sizes"]:
+            ref = E.heldout_reference(self.vae, self.renderer, rf, rh, rw, seed=self.args.seed)
+            st["heldout_reference"][f"{rf}x{rh}x{rw}"] = ref
+            self.log(f"[vae] held-out prompts' correct answers at {rf}x{rh}x{rw}: rendered colour "
+                     f"{ref['render']['colour_ok']} direction {ref['render']['direction_ok']} object fraction "
+                     f"{ref['render']['mean_object_fraction']:.4f}; through the VAE colour {ref['vae']['colour_ok']} "
+                     f"direction {ref['vae']['direction_ok']} object fraction {ref['vae']['mean_object_fraction']:.4f} "
+                     f"PSNR {ref['vae']['psnr']:.2f} dB (objects erased: {ref['objects_erased_psnr']:.2f} dB)")
 
     # -- stage 2: text encoder + transformer -----------------------------------------------------------
     def _latent_batch(self, data_step: int):
@@ -736,7 +750,8 @@ class Trainer:
                                    deadline=None if self.deadline_total is None else self.deadline_total - 8)
             results[f"{f}x{h}x{w}"] = r
             self.log(f"[eval] held-out prompts at {f}x{h}x{w}, {c['eval_steps']} steps: colour {r['colour_ok']}, "
-                     f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, "
+                     f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, object fraction "
+                     f"{r['mean_object_fraction']:.4f}, "
                      f"{r['seconds_per_video']:.2f} s/video")
         self.state["eval"] = results
         self.log(f"[eval] done ({time.time() - t:.1f}s)")
