@@ -45,7 +45,8 @@ moments to bf16, so a resumed run differs from an uninterrupted one by that roun
 floating-point reductions of cuDNN and the attention kernels are not bitwise reproducible.
 
 Output folder (``--out``; 8 files, each < 16 MB with the default ``--checkpoint-dtype half``, so it fits
-the return limits of a GPU job):
+the return limits of a GPU job, which returns at most 8 files: write nothing else into ``$OUT`` in the same
+job, or files are dropped — the first H100 run, 2026-11-23, lost both weight files that way):
 
 * ``transformer.safetensors``      transformer weights, fp16 (9.8 MB)
 * ``vae_text_encoder.safetensors`` VAE (``vae.``) and text encoder (``text_encoder.``) weights, fp16 (8.0 MB)
