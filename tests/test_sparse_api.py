@@ -108,6 +108,32 @@ def test_temporal_heads_permute_and_return_rows_in_original_order():
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("classes", [[[1, 2, 0], [2, 1, 1]], [[1, 1, 1], [1, 1, 1]], [[0, 0, 2], [0, 2, 2]]])
+def test_spatiotemporal_plan_equals_the_keep_map_construction(classes):
+    """The plan gathers per-class block lists built once; it must be the layout that compacting each head's
+    keep map gives (same lists in the same order, same width), the same permutations and densities."""
+    from sagevideo.sparse.blocks import block_mask_to_layout
+
+    grid, n_text = (4, 3, 5), 6
+    layout = P.token_layout(grid, 60 + n_text, (60, n_text))
+    cls = torch.tensor(classes)
+    p = P.plan_spatiotemporal(cls, layout, density=0.3, block_m=8, block_n=4)
+    maps = P.spatiotemporal_maps(layout, block_m=8, block_n=4, density=0.3)
+    c = cls[:, :, None, None]
+    keep = torch.where(c == P.HEAD_SPATIAL, maps.spatial, torch.where(c == P.HEAD_TEMPORAL, maps.temporal, True))
+    b, h = cls.shape
+    exp = lambda x: x.to(torch.int32)[None, None].expand(b, h, -1).contiguous()  # noqa: E731
+    want = block_mask_to_layout(exp(maps.q_start), exp(maps.q_len), exp(maps.k_start), exp(maps.k_len), keep, 8, 4)
+    for name in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
+        assert torch.equal(getattr(p.layout, name), getattr(want, name)), name
+    dens = P.block_density(keep, maps.q_len, maps.k_len)
+    torch.testing.assert_close(p.info["density_per_head"], dens)
+    assert abs(p.density - float(dens.mean())) < 1e-12
+    assert (p.q_perm is None) == (not (cls == P.HEAD_TEMPORAL).any())
+    with pytest.raises(ValueError, match="head_classes"):
+        P.plan_spatiotemporal(torch.tensor([[3]]), layout, density=0.3, block_m=8, block_n=4)
+
+
 @pytest.mark.parametrize("text_first", [True, False])
 def test_spatiotemporal_plan_covers_patterns_and_text_dense(text_first):
     """Mapped back to the original order, each head's mask contains its token pattern (spatial band + sink,

@@ -375,6 +375,35 @@ def spatiotemporal_maps(
     )
 
 
+def _class_lists(maps: SpatioTemporalMaps, block_m: int, block_n: int, device: torch.device) -> dict:
+    """Per head class (dense, spatial, temporal) the block lists of one shape, on ``device``, built once and
+    kept on the (cached) maps: a plan then only gathers rows by class (no keep map, no sort per call)."""
+    from sagevideo.sparse.blocks import block_mask_to_layout
+
+    cache = maps.__dict__.setdefault("_device_lists", {})
+    key = (str(device), int(block_m), int(block_n))
+    if key not in cache:
+        nq, nk = maps.spatial.shape
+        keeps = [torch.ones(nq, nk, dtype=torch.bool), maps.spatial, maps.temporal]  # by HEAD_* value
+        q_start, q_len = maps.q_start.to(torch.int32)[None, None], maps.q_len.to(torch.int32)[None, None]
+        k_start, k_len = maps.k_start.to(torch.int32)[None, None], maps.k_len.to(torch.int32)[None, None]
+        lists = [block_mask_to_layout(q_start, q_len, k_start, k_len, keep[None, None], block_m, block_n)
+                 for keep in keeps]
+        maxk = [lay.kv_index.shape[3] for lay in lists]
+        index = torch.zeros(3, nq, max(maxk), dtype=torch.int32)
+        for c, lay in enumerate(lists):
+            index[c, :, : maxk[c]] = lay.kv_index[0, 0]
+        cache[key] = {
+            "q_start": q_start[0, 0].to(device), "q_len": q_len[0, 0].to(device),
+            "k_start": k_start[0, 0].to(device), "k_len": k_len[0, 0].to(device),
+            "index": index.to(device), "count": torch.stack([lay.kv_count[0, 0] for lay in lists]).to(device),
+            "maxk": maxk,
+            "density": [float(block_density(keep, maps.q_len, maps.k_len)) for keep in keeps],
+        }
+        cache[key]["density_t"] = torch.tensor(cache[key]["density"], dtype=torch.float64).to(device)
+    return cache[key]
+
+
 def plan_spatiotemporal(
     head_classes: torch.Tensor,
     layout: TokenLayout,
@@ -395,36 +424,42 @@ def plan_spatiotemporal(
         block_m, block_n: query / key block sizes of the kernel.
         device: where the layout and perms go (``head_classes.device`` by default).
 
-    Temporal heads get the position-major permutation for Q and K/V; dense heads keep every block.
+    Temporal heads get the position-major permutation for Q and K/V; dense heads keep every block. The block
+    lists of each class are built once per shape and device; a plan gathers each head's rows by its class,
+    with one host sync (the class histogram: range check, whether any head is temporal, the list width and
+    the mean density).
     """
-    from sagevideo.sparse.blocks import block_mask_to_layout
+    from sagevideo.sparse.blocks import BlockLayout
 
     device = head_classes.device if device is None else torch.device(device)
     maps = spatiotemporal_maps(layout, block_m=block_m, block_n=block_n, density=density, width=width, radius=radius)
+    lists = _class_lists(maps, block_m, block_n, device)
     cls = head_classes.to(device=device, dtype=torch.int64)
-    if ((cls < 0) | (cls > 2)).any():
-        raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
     b, h = cls.shape
-    spatial = maps.spatial.to(device)
-    temporal = maps.temporal.to(device)
-    c = cls[:, :, None, None]
-    keep = torch.where(c == HEAD_SPATIAL, spatial, torch.where(c == HEAD_TEMPORAL, temporal, True))
-    nq, nk = spatial.shape
+    bad = ((cls < 0) | (cls > 2)).any().reshape(1)
+    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64)]).tolist()
+    if stats[3]:
+        raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
+    present = [c for c in range(3) if stats[c] > 0]
+    maxk = max([1] + [lists["maxk"][c] for c in present])
+    nq, nk = lists["q_start"].shape[0], lists["k_start"].shape[0]
 
     def expand(x, n):
-        return x.to(device=device, dtype=torch.int32)[None, None, :].expand(b, h, n).contiguous()
+        return x[None, None, :].expand(b, h, n).contiguous()
 
-    q_start, q_len = expand(maps.q_start, nq), expand(maps.q_len, nq)
-    k_start, k_len = expand(maps.k_start, nk), expand(maps.k_len, nk)
-    block_layout = block_mask_to_layout(q_start, q_len, k_start, k_len, keep, block_m, block_n)
+    block_layout = BlockLayout(
+        expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
+        expand(lists["k_len"], nk), lists["index"][:, :, :maxk][cls].contiguous(), lists["count"][cls].contiguous(),
+        block_m, block_n,
+    )
     q_perm = kv_perm = None
-    is_temporal = cls == HEAD_TEMPORAL
-    if bool(is_temporal.any()):
+    if stats[HEAD_TEMPORAL]:
         ident = sequence_perm(layout, False, device)
         pm = sequence_perm(layout, True, device)
-        q_perm = torch.where(is_temporal[:, :, None], pm, ident).contiguous()
+        q_perm = torch.where((cls == HEAD_TEMPORAL)[:, :, None], pm, ident).contiguous()
         kv_perm = q_perm
-    density_bh = block_density(keep, maps.q_len.to(device), maps.k_len.to(device))
+    per_class = lists["density"]
+    density_bh = lists["density_t"][cls]
     info = {
         "head_classes": cls,
         "width": maps.width,
@@ -433,4 +468,5 @@ def plan_spatiotemporal(
         "temporal_density": maps.temporal_density,
         "density_per_head": density_bh,
     }
-    return SparsePlan(block_layout, q_perm, kv_perm, float(density_bh.mean()), info)
+    mean_density = sum(stats[c] * per_class[c] for c in range(3)) / max(1, b * h)
+    return SparsePlan(block_layout, q_perm, kv_perm, float(mean_density), info)
