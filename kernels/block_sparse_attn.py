@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sagevideo.kernels._autotune import pick_fastest
 from sagevideo.kernels.quant_attn import _natural_lse
 from sagevideo.reference import LOG2E, QuantizedQKV
 
@@ -257,24 +258,9 @@ def chosen_configs() -> dict:
 
 
 def _pick_config(key, device, fallback: dict, launch) -> dict:
-    if device.type != "cuda":
-        return fallback
-    full_key = (torch.cuda.get_device_capability(device), *key)
-    if full_key not in _chosen:
-        from triton.testing import do_bench
-
-        best, best_ms = None, float("inf")
-        for cand in CANDIDATES:
-            if cand.get("SPLIT_M", 1) > 1 and key[3] < 128:
-                continue
-            try:
-                ms = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
-            except Exception:  # a candidate the GPU cannot run (e.g. too much shared memory) is skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cand, ms
-        _chosen[full_key] = best or fallback
-    return _chosen[full_key]
+    """Time the candidates once per (GPU, *key); the split-query-block ones only for blocks of ≥ 128 rows."""
+    cands = [c for c in CANDIDATES if c.get("SPLIT_M", 1) == 1 or key[3] >= 128]
+    return pick_fastest(_chosen, key, device, cands, fallback, launch)
 
 
 def block_sparse_fwd(

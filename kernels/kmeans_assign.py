@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sagevideo.kernels._autotune import pick_fastest
+
 # a label larger than any centroid index, for the lowest-index reduction
 _NO_INDEX: tl.constexpr = tl.constexpr(2**30)
 
@@ -156,22 +158,7 @@ def chosen_configs() -> dict:
 
 
 def _pick_config(key, device, fallback: dict, launch) -> dict:
-    if device.type != "cuda":
-        return fallback
-    full_key = (torch.cuda.get_device_capability(device), *key)
-    if full_key not in _chosen:
-        from triton.testing import do_bench
-
-        best, best_ms = None, float("inf")
-        for cand in CANDIDATES:
-            try:
-                ms = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
-            except Exception:  # a candidate the GPU cannot run (e.g. too much shared memory) is skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cand, ms
-        _chosen[full_key] = dict(best or fallback)
-    return _chosen[full_key]
+    return pick_fastest(_chosen, key, device, CANDIDATES, fallback, launch)
 
 
 def kmeans_assign(

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sagevideo.kernels._autotune import pick_fastest
 from sagevideo.reference import DEFAULT_BLOCK_N, QuantizedQKV
 
 
@@ -192,23 +193,9 @@ def last_config() -> dict:
 
 def _pick_config(qkv: QuantizedQKV, masked: bool, launch) -> dict:
     """Time the candidates once per (GPU, head_dim, mode, masked) on the call's own operands; keep the best."""
-    dev = qkv.q.device
-    if dev.type != "cuda":
-        return default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8")
-    key = (torch.cuda.get_device_capability(dev), qkv.q.shape[-1], qkv.precision, masked)
-    if key not in _chosen:
-        from triton.testing import do_bench
-
-        best, best_ms = None, float("inf")
-        for cand in CANDIDATES:
-            try:
-                ms = do_bench(lambda: launch(cand), warmup=5, rep=20, return_mode="median")
-            except Exception:  # a candidate the GPU cannot run (e.g. too much shared memory) is skipped
-                continue
-            if ms < best_ms:
-                best, best_ms = cand, ms
-        _chosen[key] = dict(best or default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8"))
-    return _chosen[key]
+    fallback = default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8")
+    return pick_fastest(_chosen, (qkv.q.shape[-1], qkv.precision, masked), qkv.q.device, CANDIDATES, fallback,
+                        launch)
 
 
 def attention_fwd(

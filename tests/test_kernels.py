@@ -140,3 +140,35 @@ def test_fp8_pv_two_level_accumulation_long_sequence():
     r_out, _ = reference.quant_attention_ref(q, k, v, precision="int8-fp8", block_n=_kernel_tile())
     m = error_metrics(out.float(), r_out.float())
     assert m["rel_l1"] < 6e-3, m
+
+
+def test_pick_fastest_times_once_skips_failures_and_falls_back(monkeypatch):
+    """The shared first-use tuning of the kernels: fastest runnable candidate, cached per (capability, key)."""
+    import triton.testing
+
+    from sagevideo.kernels._autotune import pick_fastest
+
+    times = {1: 3.0, 2: 1.0, 3: 2.0}
+    calls = []
+
+    def fake_bench(fn, **kw):
+        return fn()
+
+    def launch(cand):
+        calls.append(cand["id"])
+        if cand["id"] == 2 and cand.get("broken"):
+            raise RuntimeError("out of shared memory")
+        return times[cand["id"]]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    cuda = torch.device("cuda")
+    chosen = {}
+    cands = [{"id": 1}, {"id": 2}, {"id": 3}]
+    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
+    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
+    assert calls == [1, 2, 3] and list(chosen) == [((9, 0), "k")]  # timed once
+    broken = [{"id": 1}, {"id": 2, "broken": True}, {"id": 3}]
+    assert pick_fastest(chosen, ("other",), cuda, broken, {"id": 0}, launch) == {"id": 3}
+    assert pick_fastest(chosen, ("none",), cuda, [{"id": 2, "broken": True}], {"id": 0}, launch) == {"id": 0}
+    assert pick_fastest(chosen, ("cpu",), torch.device("cpu"), cands, {"id": 0}, launch) == {"id": 0}
