@@ -262,6 +262,10 @@ def stream_generator(seed: int, stream: str, step: int, device: str | torch.devi
     return g
 
 
+#: Default shares of (solid, gradient, photo) backgrounds in a data stream.
+BACKGROUND_WEIGHTS = (0.4, 0.2, 0.4)
+
+
 class SceneSampler:
     """Draws scenes and their captions.
 
@@ -269,10 +273,15 @@ class SceneSampler:
     the full distribution (it is used with its own seed stream for held-out reconstruction clips).
     """
 
-    def __init__(self, split: str = "train"):
+    def __init__(self, split: str = "train", backgrounds: tuple[float, float, float] = BACKGROUND_WEIGHTS):
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        if len(backgrounds) != 3 or min(backgrounds) < 0 or sum(backgrounds) <= 0:
+            raise ValueError(f"backgrounds must be three non-negative weights (solid, gradient, photo), got {backgrounds}")
         self.split = split
+        total = float(sum(backgrounds))
+        self.solid_below = backgrounds[0] / total
+        self.gradient_below = (backgrounds[0] + backgrounds[1]) / total
 
     # -- objects --------------------------------------------------------------------------------------
     def _object(self, rng: random.Random, frames: int, aspect: float, avoid: set[str]) -> ObjectSpec:
@@ -327,7 +336,7 @@ class SceneSampler:
     def sample(self, rng: random.Random, frames: int, height: int, width: int) -> Scene:
         aspect = width / height
         u = rng.random()
-        background = "solid" if u < 0.4 else ("gradient" if u < 0.6 else "photo")
+        background = "solid" if u < self.solid_below else ("gradient" if u < self.gradient_below else "photo")
         scene = Scene(caption="", background=background)
         avoid: set[str] = set()
         if background == "solid":
@@ -494,7 +503,10 @@ class Renderer:
         self.photos = _load_photo_bank(photo_size).to(self.device)
 
     @torch.no_grad()
-    def render(self, scenes: list[Scene], frames: int, height: int, width: int) -> torch.Tensor:
+    def render(self, scenes: list[Scene], frames: int, height: int, width: int, with_mask: bool = False):
+        """Videos ``[B, 3, T, H, W]`` in ``[-1, 1]``; with ``with_mask`` also the objects' coverage
+        ``[B, 1, T, H, W]`` in ``[0, 1]`` (the largest antialiased coverage of any object at each pixel), which
+        the training losses use to weight the few object pixels against the background."""
         dev = self.device
         B, T, H, W = len(scenes), frames, height, width
         S = float(min(H, W))
@@ -504,6 +516,7 @@ class Renderer:
         frac = tt / max(T - 1, 1)
 
         video = torch.empty(B, 3, T, H, W, device=dev)
+        coverage = torch.zeros(B, 1, T, H, W, device=dev) if with_mask else None
 
         # 1. solid and gradient backgrounds: lerp(a, b, w) with w along y or x
         flat = [i for i, s in enumerate(scenes) if s.background != "photo"]
@@ -556,6 +569,8 @@ class Renderer:
                 sel_t = torch.tensor(sel, device=dev)
                 cur = video.index_select(0, sel_t)
                 video.index_copy_(0, sel_t, cur + (rgb[:, :, None, None, None] - cur) * alpha)
+                if coverage is not None:
+                    coverage.index_copy_(0, sel_t, torch.maximum(coverage.index_select(0, sel_t), alpha))
 
         # 4. lighting ramps
         gains = []
@@ -569,11 +584,17 @@ class Renderer:
         g = torch.tensor(gains, device=dev)
         gain = g[:, 0, None] + (g[:, 1] - g[:, 0])[:, None] * frac  # [B, T]
         video.mul_(gain.view(B, 1, T, 1, 1)).clamp_(0.0, 1.0)
-        return video.mul_(2.0).sub_(1.0)
+        video.mul_(2.0).sub_(1.0)
+        return (video, coverage) if with_mask else video
 
 
 def make_clips(renderer: Renderer, seed: int, stream: str, step: int, batch: int, frames: int, height: int,
-               width: int, split: str = "train") -> tuple[torch.Tensor, list[str], list[Scene]]:
-    """Render one batch of the (seed, stream, step) data stream: videos in [-1, 1], captions, scenes."""
-    scenes = SceneSampler(split).batch(seed, stream, step, batch, frames, height, width)
-    return renderer.render(scenes, frames, height, width), [s.caption for s in scenes], scenes
+               width: int, split: str = "train", backgrounds: tuple[float, float, float] = BACKGROUND_WEIGHTS,
+               with_mask: bool = False):
+    """Render one batch of the (seed, stream, step) data stream: videos in [-1, 1], captions, scenes (and,
+    with ``with_mask``, the objects' coverage ``[B, 1, T, H, W]`` as a fourth item)."""
+    scenes = SceneSampler(split, backgrounds).batch(seed, stream, step, batch, frames, height, width)
+    out = renderer.render(scenes, frames, height, width, with_mask=with_mask)
+    if with_mask:
+        return out[0], [s.caption for s in scenes], scenes, out[1]
+    return out, [s.caption for s in scenes], scenes

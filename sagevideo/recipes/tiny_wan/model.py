@@ -216,14 +216,16 @@ def encode_prompts(text_encoder, tokenizer, prompts: list[str], device, max_sequ
 
 
 def encode_prompts_compact(text_encoder, tokenizer, prompts: list[str], device,
-                           max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+                           max_sequence_length: int = MAX_SEQUENCE_LENGTH, min_slots: int = 0):
     """The same conditioning as :func:`encode_prompts`, in a compact form for training.
 
     WanPipeline pads every prompt with zero vectors to 512 positions. After the transformer's text
     projection all those zero rows are one identical key/value, so attending over ``n`` copies of it equals
     attending over fewer copies with ``log(n / copies)`` added to their logits. This returns the
     embeddings for the batch's longest prompt plus 1-8 zero slots (to a multiple of 8), ``[B, K, D]``,
-    and that additive bias ``[B, 1, 1, K]`` (0 on real tokens); :func:`compact_cross_attention` feeds the bias to the
+    and that additive bias ``[B, 1, 1, K]`` (0 on real tokens); ``min_slots`` raises K to at least that
+    (more zero slots; a fixed K keeps the shapes of a compiled transformer fixed across batches).
+    :func:`compact_cross_attention` feeds the bias to the
     transformer's cross-attention. Same result as the 512-position form up to rounding (checked by
     ``tests/test_tiny_wan_recipe.py``), at a fraction of the cost when videos are short.
     """
@@ -236,6 +238,7 @@ def encode_prompts_compact(text_encoder, tokenizer, prompts: list[str], device,
     hidden = text_encoder(ids, mask).last_hidden_state
     hidden = hidden * mask[..., None].to(hidden.dtype)
     extra = 8 - hidden.shape[1] % 8  # >= 1 zero slot, and a key length that is a multiple of 8
+    extra = max(extra, min_slots - hidden.shape[1])
     hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], extra, hidden.shape[2])], dim=1)
     lengths = mask.sum(dim=1).float()  # real tokens per prompt
     slots = hidden.shape[1] - lengths  # zero slots in the compact form (>= 1)

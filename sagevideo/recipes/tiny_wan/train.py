@@ -116,9 +116,14 @@ PRESETS: dict[str, dict] = {
     # the real recipe (H100): ~1.5-2k VAE steps, ~2.5-4k transformer steps in ~8 minutes
     "full": dict(
         vae_batch=32, vae_frames=9, vae_render=256, vae_crop=128, vae_lr=8e-4, vae_warmup=100,
-        dit_buckets=[dict(frames=33, height=256, width=256, batch=32, weight=0.8),
-                     dict(frames=17, height=128, width=128, batch=64, weight=0.2)],
-        dit_lr=5e-4, dit_warmup=200, latent_reuse=2, caption_dropout=0.1,
+        vae_renders=[256, 128], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
+        dit_buckets=[dict(frames=33, height=256, width=256, batch=64, weight=0.5),
+                     dict(frames=17, height=128, width=128, batch=128, weight=0.5)],
+        dit_lr=5e-4, dit_warmup=200, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
+        text_slots=64, compile=True, eval_guidances=[2.0, 3.5],
+        vae_dec_buckets=[dict(frames=17, height=256, width=256, batch=8),
+                         dict(frames=17, height=128, width=128, batch=32)],
+        vae_dec_lr=3e-4, vae_dec_warmup=50, calib_vae_dec=(10, 40),
         calib_vae=(10, 40), calib_dit=(10, 50),
         stats_clips=64, psnr_clips=32, psnr_size=(33, 256, 256), eval_batch=8,
         eval_sizes=[(17, 128, 128), (33, 256, 256)], eval_steps=20, eval_guidance=5.0, eval_prompts=8,
@@ -127,8 +132,12 @@ PRESETS: dict[str, dict] = {
     # learnability check on a CPU in ~25 minutes: same models, 9x64x64 clips (48 video tokens)
     "cpu-check": dict(
         vae_batch=4, vae_frames=9, vae_render=128, vae_crop=64, vae_lr=6e-4, vae_warmup=20,
+        vae_renders=[128, 64], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
         dit_buckets=[dict(frames=9, height=64, width=64, batch=16, weight=1.0)],
-        dit_lr=5e-4, dit_warmup=50, latent_reuse=2, caption_dropout=0.1,
+        dit_lr=5e-4, dit_warmup=50, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
+        text_slots=64, compile=False, eval_guidances=[],
+        vae_dec_buckets=[dict(frames=9, height=64, width=64, batch=4)],
+        vae_dec_lr=3e-4, vae_dec_warmup=20, calib_vae_dec=(5, 25),
         calib_vae=(5, 25), calib_dit=(5, 45),
         stats_clips=32, psnr_clips=16, psnr_size=(9, 64, 64), eval_batch=8,
         eval_sizes=[(9, 64, 64)], eval_steps=20, eval_guidance=5.0, eval_prompts=8,
@@ -138,9 +147,13 @@ PRESETS: dict[str, dict] = {
     # --vae-steps/--dit-steps for a fixed length). Used by tests/test_tiny_wan_recipe.py.
     "smoke": dict(
         vae_batch=2, vae_frames=5, vae_render=48, vae_crop=32, vae_lr=6e-4, vae_warmup=2,
+        vae_renders=[48, 32], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
         dit_buckets=[dict(frames=5, height=32, width=32, batch=2, weight=0.5),
                      dict(frames=9, height=32, width=48, batch=2, weight=0.5)],
-        dit_lr=5e-4, dit_warmup=2, latent_reuse=2, caption_dropout=0.1,
+        dit_lr=5e-4, dit_warmup=2, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
+        text_slots=64, compile=False, eval_guidances=[1.0],
+        vae_dec_buckets=[dict(frames=5, height=32, width=32, batch=2), dict(frames=5, height=48, width=48, batch=1)],
+        vae_dec_lr=3e-4, vae_dec_warmup=2, calib_vae_dec=(2, 4),
         calib_vae=(2, 4), calib_dit=(2, 4),
         stats_clips=2, psnr_clips=2, psnr_size=(5, 32, 32), eval_batch=2,
         eval_sizes=[(5, 32, 32)], eval_steps=2, eval_guidance=5.0, eval_prompts=2,
@@ -159,11 +172,11 @@ def process_start_time() -> float:
         return time.time()
 
 
-MAX_LATENT_REUSE = 6
+MAX_LATENT_REUSE = 8
 COOLDOWN_FRACTION = 0.2  # final share of each stage's steps over which the LR decays linearly
 FINAL_LR_FACTOR = 0.02
 BUDGET_SAFETY = 0.93  # planned steps = safety * remaining time / measured step time
-FINAL_RESERVE_S = {"full": 35.0, "cpu-check": 60.0, "smoke": 5.0}  # time kept after the transformer stage for eval + save
+FINAL_RESERVE_S = {"full": 50.0, "cpu-check": 60.0, "smoke": 5.0}  # time kept after the transformer stage for eval + save
 RETURN_LIMIT_BYTES = 16_000_000  # each output file must stay under this (the GPU job's file-return limit)
 
 FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.safetensors",
@@ -173,6 +186,23 @@ FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.saf
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
+
+
+def latent_grid_mask(cover: torch.Tensor, latent_thw: tuple[int, int, int]) -> torch.Tensor:
+    """Object coverage ``[B, 1, T, H, W]`` pooled (max) onto the VAE's latent grid ``[B, 1, T', H', W']``: latent
+    frame 0 is frame 0 and latent frame ``i > 0`` frames ``4i-3 .. 4i`` (the causal VAE's 1 + 4k grouping);
+    ``H / H'`` x ``W / W'`` pixels per latent cell."""
+    b, _, t, h, w = cover.shape
+    lt, lh, lw = latent_thw
+    if (t - 1) % max(lt - 1, 1) or (lt > 1 and (t - 1) // (lt - 1) != 4) or h % lh or w % lw:
+        raise ValueError(f"coverage {tuple(cover.shape)} does not map onto a latent grid {latent_thw}")
+    first = cover[:, :, :1]
+    if lt > 1:
+        rest = cover[:, :, 1:].reshape(b, 1, lt - 1, 4, h, w).amax(dim=3)
+        cover = torch.cat([first, rest], dim=2)
+    else:
+        cover = first
+    return F.max_pool3d(cover, kernel_size=(1, h // lh, w // lw))
 
 
 class Logger:
@@ -319,6 +349,7 @@ class Trainer:
                 "dit": {"step": 0, "total_steps": None, "done": False, "seconds": 0.0},
                 "optim_stage": None, "calls": [],
             }
+        self.state.setdefault("vae_decoder", {"step": 0, "total_steps": None, "done": False, "seconds": 0.0})
         self.state["calls"].append({"argv": sys.argv[1:], "environment": environment(self.device),
                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.curve_rows: list[str] = []
@@ -533,11 +564,19 @@ class Trainer:
     # -- stage 1: VAE ---------------------------------------------------------------------------------
     def vae_step(self, step: int) -> torch.Tensor:
         c = self.cfg
-        video, _, _ = D.make_clips(self.renderer, self.args.seed, "vae", step, c["vae_batch"], c["vae_frames"],
-                                   c["vae_render"], c["vae_render"])
+        # renders alternate between the sizes in vae_renders (crops of a 256 render show objects at the
+        # default size's scale, whole 128 renders at the 17x128x128 scale)
+        renders = c["vae_renders"]
+        size = renders[step % len(renders)]
+        video, _, _, cover = D.make_clips(self.renderer, self.args.seed, "vae", step, c["vae_batch"],
+                                          c["vae_frames"], size, size, backgrounds=tuple(c["vae_backgrounds"]),
+                                          with_mask=True)
         g = D.stream_generator(self.args.seed, "vae-noise", step, self.device)
-        off = torch.randint(0, c["vae_render"] - c["vae_crop"] + 1, (2,), generator=g, device=self.device).tolist()
-        x = video[..., off[0]: off[0] + c["vae_crop"], off[1]: off[1] + c["vae_crop"]].contiguous()
+        off = torch.randint(0, size - c["vae_crop"] + 1, (2,), generator=g, device=self.device).tolist()
+        crop = (slice(off[0], off[0] + c["vae_crop"]), slice(off[1], off[1] + c["vae_crop"]))
+        x = video[..., crop[0], crop[1]].contiguous()
+        # objects cover ~3% of the pixels but are what the prompts are about: weight their pixels up
+        weight = 1.0 + c["vae_object_weight"] * cover[..., crop[0], crop[1]]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             post = self.vae.encode(x).latent_dist
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=self.device,
@@ -545,8 +584,9 @@ class Trainer:
             rec = self.vae.decode(z).sample
         rec = rec.float()
         err = rec - x
-        l1 = err.abs().mean()
-        l2 = err.pow(2).mean()
+        norm = weight.mean()
+        l1 = (err.abs() * weight).mean() / norm
+        l2 = (err.pow(2) * weight).mean() / norm
         grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
         mean, logvar = post.mean.float(), post.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
@@ -571,6 +611,51 @@ class Trainer:
         else:
             self.save(opt, named, "vae")
 
+    def vae_decoder_step(self, step: int) -> torch.Tensor:
+        """Decoder-only fine-tune on whole frames at the generation sizes: the encoder (hence the latent space
+        the transformer learns, and the latent statistics) stays fixed. The decoder decodes the posterior
+        mode, as it does in the pipeline, with the VAE stage's object-weighted loss."""
+        c = self.cfg
+        b = c["vae_dec_buckets"][step % len(c["vae_dec_buckets"])]
+        x, _, _, cover = D.make_clips(self.renderer, self.args.seed, "vae-decoder", step, b["batch"], b["frames"],
+                                      b["height"], b["width"], backgrounds=tuple(c["vae_backgrounds"]),
+                                      with_mask=True)
+        weight = 1.0 + c["vae_object_weight"] * cover
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            with torch.no_grad():
+                z = self.vae.encode(x).latent_dist.mode()
+            rec = self.vae.decode(z).sample
+        err = rec.float() - x
+        norm = weight.mean()
+        l1 = (err.abs() * weight).mean() / norm
+        l2 = (err.pow(2) * weight).mean() / norm
+        grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
+        return l1 + l2 + 0.5 * grad
+
+    def train_vae_decoder(self) -> None:
+        st = self.state["vae_decoder"]
+        minutes, steps = self.args.vae_decoder_minutes, self.args.vae_decoder_steps
+        if not (minutes or steps) or st["done"] or not self.state["vae"]["done"]:
+            return
+        c = self.cfg
+        self.vae.requires_grad_(False)
+        self.vae.decoder.requires_grad_(True)
+        self.vae.post_quant_conv.requires_grad_(True)
+        self.log(f"[vae-decoder] fine-tuning the decoder on whole frames "
+                 f"{[(b['frames'], b['height'], b['width'], b['batch']) for b in c['vae_dec_buckets']]}, budget "
+                 f"{minutes} min (encoder frozen: the latent space does not change)")
+        modules = {"vae.decoder": self.vae.decoder, "vae.post_quant_conv": self.vae.post_quant_conv}
+        opt, named = self._run_stage("vae_decoder", modules, c["vae_dec_lr"], c["vae_dec_warmup"], 0.0,
+                                     minutes or 1e9, steps, c["calib_vae_dec"], self.vae_decoder_step)
+        self.vae.requires_grad_(False)
+        self.vae.eval()
+        if st["done"]:
+            self.vae_quality(st, "vae-decoder")
+            self.moments = None
+            self.save()
+        else:
+            self.save(opt, named, "vae_decoder")
+
     @torch.no_grad()
     def vae_statistics(self) -> None:
         """Latent mean/std per channel (into the VAE config) and held-out reconstruction PSNR."""
@@ -590,12 +675,22 @@ class Trainer:
                                     latents_std=[round(float(v), 5) for v in std])
         st = self.state["vae"]
         st["latents_mean"], st["latents_std"] = self.vae.config.latents_mean, self.vae.config.latents_std
+        self.log(f"[vae] latent std {[round(float(v), 2) for v in std]} ({time.time() - t:.1f}s)")
+        self.vae_quality(st)
+
+    @torch.no_grad()
+    def vae_quality(self, st: dict, tag: str = "vae") -> None:
+        """Held-out reconstruction PSNR and the evaluation's checks on correct answers through the VAE, into
+        ``st`` (the VAE stage's or the decoder fine-tune's state)."""
+        c = self.cfg
+        t = time.time()
+        self.vae.eval()
         pf, ph, pw = c["psnr_size"]
         st["heldout"] = E.vae_reconstruction(self.vae, self.renderer, self.args.seed, c["psnr_clips"], pf, ph, pw,
                                              batch=c["eval_batch"], autocast=False)
-        self.log(f"[vae] held-out reconstruction PSNR {st['heldout']['psnr']:.2f} dB "
+        self.log(f"[{tag}] held-out reconstruction PSNR {st['heldout']['psnr']:.2f} dB "
                  f"{ {k: round(v, 2) for k, v in st['heldout']['psnr_by_kind'].items()} } on {c['psnr_clips']} clips "
-                 f"{pf}x{ph}x{pw}; latent std {[round(float(v), 2) for v in std]} ({time.time() - t:.1f}s)")
+                 f"{pf}x{ph}x{pw} ({time.time() - t:.1f}s)")
         # the evaluation's colour / direction checks on correct answers to the held-out prompts, rendered and
         # through this VAE: the ceiling a perfect transformer could reach (tells a VAE that loses the small
         # objects from an under-trained transformer)
@@ -603,7 +698,7 @@ class Trainer:
         for rf, rh, rw in c["eval_sizes"]:
             ref = E.heldout_reference(self.vae, self.renderer, rf, rh, rw, seed=self.args.seed)
             st["heldout_reference"][f"{rf}x{rh}x{rw}"] = ref
-            self.log(f"[vae] held-out prompts' correct answers at {rf}x{rh}x{rw}: rendered colour "
+            self.log(f"[{tag}] held-out prompts' correct answers at {rf}x{rh}x{rw}: rendered colour "
                      f"{ref['render']['colour_ok']} direction {ref['render']['direction_ok']} object fraction "
                      f"{ref['render']['mean_object_fraction']:.4f}; through the VAE colour {ref['vae']['colour_ok']} "
                      f"direction {ref['vae']['direction_ok']} object fraction {ref['vae']['mean_object_fraction']:.4f} "
@@ -614,11 +709,12 @@ class Trainer:
         c = self.cfg
         rng = D.stream_rng(self.args.seed, "dit-bucket", data_step)
         b = rng.choices(c["dit_buckets"], weights=[x["weight"] for x in c["dit_buckets"]])[0]
-        video, captions, _ = D.make_clips(self.renderer, self.args.seed, "dit", data_step, b["batch"], b["frames"],
-                                          b["height"], b["width"])
+        video, captions, _, cover = D.make_clips(self.renderer, self.args.seed, "dit", data_step, b["batch"],
+                                                 b["frames"], b["height"], b["width"], with_mask=True)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             z = self.vae.encode(video).latent_dist.mode()
-        return M.normalize_latents(self.vae, z.float()), captions
+        weight = 1.0 + c["dit_object_weight"] * latent_grid_mask(cover, z.shape[-3:])
+        return M.normalize_latents(self.vae, z.float()), captions, weight
 
     def _reuse_schedule(self) -> list:
         """[[from_step, reuse, first_data_index], ...]: how many steps each encoded batch serves."""
@@ -669,7 +765,7 @@ class Trainer:
             if timing:
                 self._sync()
                 self._data_times.append(time.time() - t)
-        latents, captions = self._cached
+        latents, captions, weight = self._cached
         rng = D.stream_rng(self.args.seed, "dit-drop", step)
         captions = ["" if rng.random() < c["caption_dropout"] else cap for cap in captions]
         g = D.stream_generator(self.args.seed, "dit-noise", step, self.device)
@@ -678,11 +774,28 @@ class Trainer:
         noisy, timesteps, target = M.flow_targets(latents, noise, sigmas)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             # exactly the pipeline's 512-position conditioning, in compact form (see encode_prompts_compact)
-            emb, bias = M.encode_prompts_compact(self.text_encoder, self.tokenizer, captions, self.device)
+            emb, bias = M.encode_prompts_compact(self.text_encoder, self.tokenizer, captions, self.device,
+                                                 min_slots=c["text_slots"])
             self._set_bias(bias)
             pred = self.transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=emb,
                                     return_dict=False)[0]
-        return F.mse_loss(pred.float(), target)
+        # velocity MSE with the latent cells that hold an object weighted up (the per-cell optimum is still
+        # the conditional mean velocity, so the sampler's contract is unchanged)
+        return ((pred.float() - target).pow(2) * weight).mean() / weight.mean()
+
+    def _compile_blocks(self) -> list:
+        """``torch.compile`` the transformer blocks in place for training (CUDA; ``--compile``). Measured on an
+        H100 (``speed_probe``): 69 -> 54 ms per 32-clip step at 33x256x256 and 121 -> 60 ms at 64 clips, after
+        ~20 s of compilation per bucket. Returns the compiled blocks (to undo it afterwards)."""
+        mode = self.args.compile
+        on = self.device.type == "cuda" and self.cfg.get("compile", False) if mode == "auto" else mode == "on"
+        if not on:
+            return []
+        blocks = list(self.transformer.blocks)
+        for blk in blocks:
+            blk.compile()
+        self.log(f"[dit] torch.compile on the {len(blocks)} transformer blocks (compiled on first use per bucket)")
+        return blocks
 
     def train_dit(self) -> None:
         st = self.state["dit"]
@@ -722,12 +835,17 @@ class Trainer:
         self.log(f"[dit] training text encoder + transformer: buckets "
                  f"{[(b['frames'], b['height'], b['width'], b['batch'], b['weight']) for b in c['dit_buckets']]}, "
                  f"latent reuse {self._reuse_schedule()[-1][1]}, budget {minutes} min")
-        with M.compact_cross_attention(self.transformer) as self._set_bias:
-            opt, named = self._run_stage(
-                "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
-                c["dit_warmup"], 0.01, minutes, None if st.get("extensions") else self.args.dit_steps,
-                c["calib_dit"], self.dit_step,
-                reserve_s=FINAL_RESERVE_S[self.args.preset], on_calibrated=self._adapt_reuse)
+        compiled = self._compile_blocks()
+        try:
+            with M.compact_cross_attention(self.transformer) as self._set_bias:
+                opt, named = self._run_stage(
+                    "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
+                    c["dit_warmup"], 0.01, minutes, None if st.get("extensions") else self.args.dit_steps,
+                    c["calib_dit"], self.dit_step,
+                    reserve_s=FINAL_RESERVE_S[self.args.preset], on_calibrated=self._adapt_reuse)
+        finally:
+            for blk in compiled:  # the evaluation and the saved model run the plain modules
+                blk._compiled_call_impl = None
         self._cached, self._cached_step = None, None
         self.save(opt, named, "dit")
 
@@ -750,16 +868,30 @@ class Trainer:
                                    seed=self.args.seed,
                                    deadline=None if self.deadline_total is None else self.deadline_total - 8)
             results[f"{f}x{h}x{w}"] = r
-            self.log(f"[eval] held-out prompts at {f}x{h}x{w}, {c['eval_steps']} steps: colour {r['colour_ok']}, "
+            self.log(f"[eval] held-out prompts at {f}x{h}x{w}, {c['eval_steps']} steps, guidance "
+                     f"{c['eval_guidance']}: colour {r['colour_ok']}, "
                      f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, object fraction "
                      f"{r['mean_object_fraction']:.4f}, "
                      f"{r['seconds_per_video']:.2f} s/video")
+            if (f, h, w) != tuple(c["eval_sizes"][0]):
+                continue
+            for gs in c.get("eval_guidances", []):  # other guidance scales at the first (cheapest) size
+                if self.deadline_total is not None and time.time() > self.deadline_total - 15:
+                    break
+                r = E.evaluate_prompts(pipe, D.heldout_prompts()[: c.get("eval_prompts", 8)], f, h, w,
+                                       c["eval_steps"], gs, seed=self.args.seed,
+                                       deadline=None if self.deadline_total is None else self.deadline_total - 8)
+                results[f"{f}x{h}x{w}@guidance{gs:g}"] = r
+                self.log(f"[eval] held-out prompts at {f}x{h}x{w}, guidance {gs:g}: colour {r['colour_ok']}, "
+                         f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, object "
+                         f"fraction {r['mean_object_fraction']:.4f}")
         self.state["eval"] = results
         self.log(f"[eval] done ({time.time() - t:.1f}s)")
         self.save()
 
     def run(self) -> None:
         self.train_vae()
+        self.train_vae_decoder()
         self.train_dit()
         if self.paused:
             self.state["calls"][-1]["paused_at"] = {k: self.state[k]["step"] for k in ("vae", "dit")}
@@ -792,6 +924,11 @@ def parse_args(argv=None):
     p.add_argument("--more-dit-minutes", type=float, default=None,
                    help="with --resume of a finished run: train the text encoder + transformer for about M more "
                         "minutes (step count planned from the measured speed; LR re-warmup, then a new cool-down)")
+    p.add_argument("--vae-decoder-minutes", type=float, default=None,
+                   help="after the VAE stage: fine-tune the VAE decoder alone for M minutes on whole frames at the "
+                        "generation sizes (the encoder and the latent space stay fixed, so a trained transformer "
+                        "stays valid); runs before any transformer training of the same call")
+    p.add_argument("--vae-decoder-steps", type=int, default=None, help="fix the decoder fine-tune's length")
     p.add_argument("--latent-reuse", type=int, default=None, help="steps per encoded latent batch (default: preset)")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="pause this call after N optimizer steps (both stages counted), leaving the stage in "
@@ -805,6 +942,9 @@ def parse_args(argv=None):
     p.add_argument("--preset", choices=sorted(PRESETS), default="full",
                    help="'full' is the real recipe; 'smoke' runs the same flow on tiny clips (CPU check)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out prompt evaluation at the end")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the transformer blocks while training them (auto: on CUDA, if the preset "
+                        "says so)")
     p.add_argument("--export", default=None, help="also write the assembled pipeline folder here")
     return p.parse_args(argv)
 
