@@ -22,7 +22,7 @@ EXIT_INPUT = 2
 
 _MODEL_HELP = (
     "diffusers pipeline to use: a Hugging Face id (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers) or a local folder "
-    "written by save_pretrained. Default: the bundled tiny-wan model in assets/ (while it is untrained, a tiny "
+    "written by save_pretrained. Default: the bundled tiny-wan model in assets/ (if that folder holds no model, a tiny "
     "random-weight Wan pipeline whose output is noise, with a notice)"
 )
 
@@ -300,7 +300,7 @@ def _cmd_generate(args) -> int:
         paths = write_frames(frames_dir, result.frames)
         print(f"wrote {len(paths)} PNG frames to {frames_dir.resolve()}")
     if source.notice:
-        print("note: random-weight model (bundled tiny-wan not trained yet): the video is noise", file=sys.stderr)
+        print("note: random-weight model (the bundled tiny-wan folder holds no model): the video is noise", file=sys.stderr)
     return EXIT_OK
 
 
@@ -367,7 +367,7 @@ def _cmd_env(args) -> int:
         from sagevideo.recipes import tiny_wan
 
         p = Path(tiny_wan.asset_path())
-        env["bundled_model"] = str(p) if (p / "model_index.json").is_file() else f"{p} (not trained yet)"
+        env["bundled_model"] = str(p) if (p / "model_index.json").is_file() else f"{p} (holds no model)"
     except Exception as exc:  # pragma: no cover
         env["bundled_model"] = f"unavailable ({exc})"
     if args.json:

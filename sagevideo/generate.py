@@ -66,7 +66,7 @@ __all__ = [
 QUANTIZED_ON_CPU_OK = ("dense", "auto")
 
 RANDOM_MODEL_NOTICE = (
-    "NOTICE: the bundled tiny-wan model is not trained yet (assets/tiny-wan has no model_index.json), so this "
+    "NOTICE: the bundled tiny-wan model is missing (assets/tiny-wan has no model_index.json), so this "
     "run uses a tiny Wan pipeline with RANDOM weights (seed 0). The output is noise from an untrained model; "
     "it only shows that the pipeline, attention patching and video writing work. Pass --model to use a real "
     "model."
@@ -215,7 +215,7 @@ def load_pipeline(
     """Load a diffusers video pipeline; returns ``(pipe, PipelineSource)``.
 
     Args:
-        model: None = the bundled tiny-wan (random-weight fallback while it is untrained); a local pipeline
+        model: None = the bundled tiny-wan (random-weight fallback when its folder holds no model); a local pipeline
             folder (with ``model_index.json``); or a Hugging Face id (``"Wan-AI/Wan2.1-T2V-1.3B-Diffusers"``).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         dtype: ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"float32"``, ``"bfloat16"``, ``"float16"``.
@@ -238,7 +238,7 @@ def load_pipeline(
             pipe = _from_pretrained(str(path), dt, local_only=True)
             source = PipelineSource("bundled", f"bundled tiny-wan ({path})", defaults=_bundled_defaults())
         else:
-            log("building a random-weight tiny Wan pipeline (the bundled model is not trained yet)")
+            log("building a random-weight tiny Wan pipeline (the bundled model folder holds no model)")
             pipe = random_tiny_wan(0)
             if dt != torch.float32:
                 pipe.to(dtype=dt)

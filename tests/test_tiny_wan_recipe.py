@@ -546,3 +546,18 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path):
     ta = load_file(str(first / "transformer.safetensors"))
     tb = load_file(str(second / "transformer.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the transformer stage was finished: untouched
+
+
+def test_latent_reuse_given_on_resume_takes_effect(tmp_path):
+    """``--latent-reuse`` on a call that extends a finished transformer stage applies from that call's first
+    step (the 2026-11-23 job 3 asked for 8 and silently kept the 3 of the previous call)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    _train("--out", first, *SMOKE)
+    _train("--resume", first, "--out", second, *[a for a in SMOKE if a not in ("--dit-steps", "4")],
+           "--more-dit-steps", "3", "--latent-reuse", "3")
+    state_a, state_b = (json.loads((d / "state.json").read_text()) for d in (first, second))
+    sched = state_b["dit"]["reuse_schedule"]
+    assert sched[:-1] == state_a["dit"]["reuse_schedule"]
+    step, reuse, first_batch = sched[-1]
+    assert (step, reuse) == (state_a["dit"]["step"], 3)
+    assert first_batch > 0  # new data after the batches already used

@@ -3,22 +3,28 @@
 ::
 
     python -m sagevideo.recipes.tiny_wan.train --out OUT --seed 0 \\
-        --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4 --device cuda
+        --vae-minutes 5.0 --dit-minutes 5 --total-minutes 9.3 --device cuda
 
 Stages (each stops itself when its budget is spent, and ends with a learning-rate cool-down):
 
-1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips (L1 + L2 + image-gradient
-   L1 + a small KL), through the VAE's own causal chunked encode/decode, so what is trained is exactly
-   what the pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as
-   the pipeline expects), reconstruction PSNR on held-out clips at the default size, and the evaluation's
-   colour / direction checks on correct answers to the held-out prompts passed through the VAE
+1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips rendered alternately at 256
+   and 128 (objects at both generation scales), with fewer photo backgrounds than the transformer sees;
+   L1 + L2 weighted up on the objects' own pixels (the renderer's coverage mask), + image-gradient L1 + a
+   small KL, through the VAE's own causal chunked encode/decode, so what is trained is exactly what the
+   pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as the pipeline
+   expects), reconstruction PSNR on held-out clips at the default size, and the evaluation's colour /
+   direction checks on correct answers to the held-out prompts passed through the VAE
    (:func:`evaluate.heldout_reference`: the best any transformer could score with this VAE).
-2. **Text encoder + transformer** jointly, rectified-flow velocity loss, 10% caption dropout (so
-   classifier-free guidance has an unconditional branch, the empty prompt the pipeline uses by default).
-   Batches alternate between 33x256x256 (default size, 80%) and 17x128x128 (20%; the size the CPU tests
-   use). Each batch of VAE latents serves 1-6 steps with fresh noise (picked after calibration from the
-   measured cost of render + encode against a transformer step, or fixed with ``--latent-reuse``),
-   because encoding 33x256x256 clips costs about as much as a transformer step. The conditioning is the
+1b. **Decoder fine-tune** (``--vae-decoder-minutes``) - the decoder alone on whole frames at the
+   generation sizes, decoding the posterior mode; the encoder, hence the latent space and a transformer
+   trained on it, does not change.
+2. **Text encoder + transformer** jointly, rectified-flow velocity loss weighted up on the latent cells an
+   object covers, 10% caption dropout (so classifier-free guidance has an unconditional branch, the empty
+   prompt the pipeline uses by default). Batches alternate between 64 clips of 33x256x256 (the default
+   size) and 128 of 17x128x128 (the size the CPU tests use), half each; the blocks run under
+   ``torch.compile`` (``--compile``). Each batch of VAE latents serves 1-8 steps with fresh noise (picked
+   after calibration from the measured cost of render + encode against a transformer step, or fixed with
+   ``--latent-reuse``), because encoding a batch costs several transformer steps. The conditioning is the
    pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
    (:func:`model.encode_prompts_compact` + :class:`model.compact_cross_attention`, checked against the
    512-position form by ``tests/test_tiny_wan_recipe.py``), so short clips do not pay for 500 padding
@@ -62,31 +68,41 @@ The two ``optim_*`` files may be left out (a finished run needs none; an unfinis
 with fresh moments and a learning-rate re-warmup). ``python -m sagevideo.recipes.tiny_wan.assemble`` turns
 a finished folder into ``assets/tiny-wan``.
 
-Two GPU jobs of at most 10 minutes each
----------------------------------------
+Three GPU jobs of at most 10 minutes each
+-----------------------------------------
 
-The recipe for ``assets/tiny-wan`` (about 17 minutes of one H100 in all). The GPU machine needs, besides
-torch, transformers, tokenizers, safetensors and huggingface_hub: ``diffusers==0.42.1`` (and its
-``importlib_metadata``) and ``scikit-image==0.26.0`` (its sample photographs; it needs scipy, networkx,
-pillow, imageio, tifffile, packaging, ``lazy-loader``). Without a network there, carry the wheels in a
-folder ``.whl/`` and install them first. ``$OUT`` is the folder whose files the job returns.
-
-Job 1 (VAE 2.5 min, text encoder + transformer until 35 s before the 8.4-minute cap, evaluation, save:
-a complete model)::
+The recipe for ``assets/tiny-wan`` (about 25 minutes of one H100 in all; the 2026-11-23 model ran job 3 on
+an H200). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and huggingface_hub:
+``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``scikit-image==0.26.0`` (its sample photographs;
+it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``). Without a network there,
+carry the wheels in a folder ``.whl/`` and install them first. ``$OUT`` is the folder whose files the job
+returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the two ``optim_*`` files
+(smaller to carry; the stage re-warms its learning rate). Every job starts with::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
-    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 &&
-    python3 -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 --device cuda \\
-        --vae-minutes 2.5 --dit-minutes 5.2 --total-minutes 8.4
+    export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
-Job 2 (about 7 more minutes of the text encoder + transformer, from job 1's files copied to ``.tw1/``
-*without* the two ``optim_*`` files, which keeps what travels small; same install line first)::
+Job 1: VAE 5 min, then text encoder + transformer until 50 s before the 9.3-minute cap, evaluation, save
+(a complete model)::
+
+    python3 -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 --device cuda \\
+        --vae-minutes 5.0 --dit-minutes 5 --total-minutes 9.3
+
+Job 2: the decoder fine-tune on whole frames (2 min; the 128-pixel crops of stage 1 leave the 256x256
+decode with colour casts), then about 6 more minutes of text encoder + transformer::
 
     python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --more-dit-minutes 7.4 --total-minutes 8.4
+        --vae-decoder-minutes 2.0 --more-dit-minutes 7 --total-minutes 9.3
 
-Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN2 --to assets/tiny-wan``
-(RUN2: job 2's files). If job 2 cannot run, job 1's files assemble into a complete, shorter-trained model.
+Job 3: about 8 more minutes of text encoder + transformer::
+
+    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
+        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3
+
+Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan``
+(RUN3: job 3's files). Any finished job's files assemble into a complete, shorter-trained model.
+``python -m sagevideo.recipes.tiny_wan.speed_probe`` times the training steps against batch size and
+``torch.compile`` on the GPU at hand (the preset's batch sizes come from it).
 """
 
 from __future__ import annotations
@@ -124,7 +140,7 @@ PRESETS: dict[str, dict] = {
         vae_dec_buckets=[dict(frames=17, height=256, width=256, batch=8),
                          dict(frames=17, height=128, width=128, batch=32)],
         vae_dec_lr=3e-4, vae_dec_warmup=50, calib_vae_dec=(10, 40),
-        calib_vae=(10, 40), calib_dit=(10, 50),
+        calib_vae=(10, 40), calib_dit=(60, 110),  # the dit window starts after both buckets are compiled
         stats_clips=64, psnr_clips=32, psnr_size=(33, 256, 256), eval_batch=8,
         eval_sizes=[(17, 128, 128), (33, 256, 256)], eval_steps=20, eval_guidance=5.0, eval_prompts=8,
         photo_size=512, ckpt_every_s=60.0, log_every=25, curve_every=10,
@@ -828,6 +844,10 @@ class Trainer:
             self.log("[dit] skipped: the VAE stage has not finished (resume with more --vae-minutes)")
             return
         c = self.cfg
+        sched = self._reuse_schedule()
+        if self.args.latent_reuse is not None and sched[-1][1] != self.args.latent_reuse and st["step"] > 0:
+            # a resumed or extended stage takes this call's --latent-reuse from its current step on
+            sched.append([st["step"], self.args.latent_reuse, self._data_index(st["step"] - 1) + 1])
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.text_encoder.requires_grad_(True)
