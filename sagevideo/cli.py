@@ -329,6 +329,11 @@ def _cmd_compare(args) -> int:
     print(f"dense {info['wall_seconds']['dense']:.2f} s, accelerated {info['wall_seconds']['accelerated']:.2f} s, "
           f"speed-up {info['speedup']:.2f}x" + ("" if info["speedup_meaningful"] else f" ({info['speedup_note']})"))
     print(f"PSNR {mean('psnr', '.2f')} dB, SSIM {mean('ssim', '.4f')}, LPIPS {mean('lpips', '.4f')}")
+    for name, r in (info.get("sparse") or {}).items():
+        if r.get("mean_density") is not None:
+            heads = ", ".join(f"{k} {v}" for k, v in sorted(r.get("heads", {}).items()))
+            print(f"sparse attention in {name}: {r['calls']} calls, mean density {r['mean_density']:.3f}"
+                  + (f" (head classes: {heads})" if heads else ""))
     print(f"wrote {(out_dir / 'report.html').resolve()} (and metrics.json, side_by_side.mp4)")
     return EXIT_OK
 

@@ -147,6 +147,7 @@ def compare(
         "schedule_runs_dense_only": is_dense(config) or (device.type != "cuda" and not on_reference),
         "methods_run": accel.observed,
         "guard_events": accel.guard_events,
+        "sparse": accel.sparse,
         "dense_run": "unpatched pipeline (diffusers' own attention)",
         "versions": env["versions"],
     }

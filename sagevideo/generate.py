@@ -98,6 +98,8 @@ class GenerationResult:
         attention: ``"dense (unpatched)"`` or the schedule's JSON dict.
         observed: ``{model name: {method label: number of (step, layer) sites}}`` from the patch handle.
         guard_events: how many calls the non-finite guard recomputed dense.
+        sparse: ``{model name: {"calls", "mean_density", "heads"}}`` from ``handle.sparse_report()`` (the
+            per-layer detail left out); empty when no sparse method ran.
     """
 
     frames: np.ndarray
@@ -106,6 +108,7 @@ class GenerationResult:
     attention: Any
     observed: dict = dataclasses.field(default_factory=dict)
     guard_events: int = 0
+    sparse: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,13 +602,15 @@ def generate(
         seconds = time.perf_counter() - t0
         observed = _summarise_observed(handle) if handle is not None else {}
         guard_events = len(handle.guard_events) if handle is not None else 0
+        sparse = {} if handle is None else {name: {k: v for k, v in r.items() if k != "layers"}
+                                            for name, r in handle.sparse_report().items()}
     finally:
         if handle is not None:
             handle.unpatch()
     return GenerationResult(
         frames=_frames_of(output), seconds=seconds, settings=settings,
         attention="dense (unpatched)" if handle is None else config.to_dict(),
-        observed=observed, guard_events=guard_events,
+        observed=observed, guard_events=guard_events, sparse=sparse,
     )
 
 

@@ -264,3 +264,24 @@ def test_random_fallback_model_output_depends_on_attention():
     finally:
         methods.unregister("test-zero")
     assert (base - zeroed).abs().max() > 1e-3
+
+
+def test_compare_reports_sparse_density(capsys, tmp_path, model_dir):
+    """A sparse schedule's report says how sparse it was: calls and call-weighted mean density per model
+    (from ``handle.sparse_report()``), in metrics.json and on stdout."""
+    from sagevideo.report import load_metrics
+
+    report = tmp_path / "report"
+    rc, stdout, err = run_cli(capsys, "compare", "--prompt", PROMPT, "--model", model_dir, "--steps", "2",
+                              "--frames", "9", "--height", "128", "--width", "128", "--no-progress",
+                              "--attention", "sparse-spatiotemporal", "--allow-reference", "--output", report)
+    assert rc == 0, err
+    info = load_metrics(report)["info"]
+    sparse = info["sparse"]["transformer"]
+    ran = sum(n for label, n in info["methods_run"]["transformer"].items() if label.startswith("sparse"))
+    # Wan runs classifier-free guidance as two transformer calls per (step, layer) site
+    per_site = 2 if (info["settings"].get("guidance") or 0) > 1 else 1
+    assert ran > 0 and sparse["calls"] == per_site * ran
+    assert 0.0 < sparse["mean_density"] <= 1.0
+    assert sum(sparse["heads"].values()) > 0
+    assert f"mean density {sparse['mean_density']:.3f}" in stdout
