@@ -295,6 +295,37 @@ def test_assembled_folder_loads_offline_and_generates(runs, monkeypatch):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_unpacked_pipeline_resumes_training(runs):
+    """``assemble --unpack`` turns a shipped pipeline folder (with its ``training/`` record) back into a
+    training folder: the same fp16 weights, tokenizer and state as the run that built it, and
+    ``train --resume`` extends its transformer stage from there."""
+    from sagevideo.recipes.tiny_wan.assemble import assemble, main as assemble_main
+
+    dest = runs / "pipeline-for-unpack"
+    assemble(runs / "part2", dest, measure_cpu=False)
+    assert sorted(p.name for p in (dest / "training").iterdir()) == ["loss_curve.tsv", "state.json", "tokenizer.json",
+                                                                       "train_log.txt"]
+    back = runs / "unpacked"
+    assemble_main(["--unpack", "--from", str(dest), "--to", str(back)])
+    from safetensors.torch import load_file
+
+    for name in ("transformer.safetensors", "vae_text_encoder.safetensors"):
+        original, unpacked = load_file(str(runs / "part2" / name)), load_file(str(back / name))
+        assert original.keys() == unpacked.keys(), name
+        # fp16 like the recipe's default checkpoints (this run's are exact fp32: equal after fp16 rounding)
+        assert all(unpacked[k].dtype == torch.float16 for k in unpacked), name
+        assert all(torch.equal(original[k].to(torch.float16), unpacked[k]) for k in original), name
+    assert not (back / "optim_m.safetensors").exists()  # no moments: the resumed stage re-warms
+    assert (back / "tokenizer.json").read_text() == (runs / "part2" / "tokenizer.json").read_text()
+    assert json.loads((back / "state.json").read_text()) == json.loads((runs / "part2" / "state.json").read_text())
+    step = json.loads((back / "state.json").read_text())["dit"]["step"]
+    more = runs / "more"
+    _train("--resume", back, "--out", more, *[a for a in SMOKE if a not in ("--dit-steps", "4")],
+           "--more-dit-steps", "2")
+    state = json.loads((more / "state.json").read_text())
+    assert state["dit"]["done"] and state["dit"]["step"] == step + 2
+
+
 def test_default_checkpoints_fit_the_gpu_job_limits_and_resume_without_moments(tmp_path, renderer):
     from sagevideo.recipes.tiny_wan.train import FILES, RETURN_LIMIT_BYTES
 

@@ -75,6 +75,45 @@ def measure_cpu_generation(path: str | os.PathLike, threads: int | None = 2) -> 
             "load_average": None if load is None else round(load, 2), "cpu_count": os.cpu_count()}
 
 
+TRAINING_RECORD = "training"  # subfolder of the pipeline folder with the run's state, log and loss curve
+RECORD_FILES = ("state.json", "train_log.txt", "loss_curve.tsv", "tokenizer.json")
+
+
+def unpack(pipeline_dir, out_dir) -> Path:
+    """The inverse of :func:`assemble`: a training folder (``train.py --resume`` reads it) from an assembled
+    pipeline folder and its ``training/`` record, so a shipped model can be trained further without its
+    original run. The weights go back to the training checkpoints' fp16 (lossless for a model assembled
+    from such checkpoints, which is how ``assemble`` builds it); no optimizer moments, so the resumed stage
+    re-warms its learning rate."""
+    from diffusers import WanPipeline
+
+    from sagevideo.recipes.tiny_wan.train import named_params, save_tensors
+
+    pipeline_dir, out_dir = Path(pipeline_dir), Path(out_dir)
+    record = pipeline_dir / TRAINING_RECORD
+    missing = [n for n in ("state.json", "tokenizer.json") if not (record / n).is_file()]
+    if missing:
+        raise SystemExit(f"{pipeline_dir}/{TRAINING_RECORD} lacks {missing} (assembled before the record was kept?)")
+    pipe = WanPipeline.from_pretrained(str(pipeline_dir), local_files_only=True, **dtype_kwarg(torch.float32))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    def half(named):  # as train.py's checkpoints: fp16, unless a tensor would overflow it
+        out = {}
+        for n, p in named:
+            h = p.detach().to(torch.float16)
+            out[n] = h if torch.isfinite(h).all() else p.detach().float()
+        return out
+
+    save_tensors(out_dir / "transformer.safetensors", half(named_params({"transformer": pipe.transformer})),
+                 {"format": "tiny-wan-train", "dtype": "half"})
+    save_tensors(out_dir / "vae_text_encoder.safetensors",
+                 half(named_params({"vae": pipe.vae, "text_encoder": pipe.text_encoder})),
+                 {"format": "tiny-wan-train", "dtype": "half"})
+    for name in RECORD_FILES:  # tokenizer.json: the training run's own serialisation of the tokenizer
+        if (record / name).exists():
+            (out_dir / name).write_bytes((record / name).read_bytes())
+    return out_dir
+
+
 def assemble(out_dir, dest, measure_cpu: bool = True, threads: int | None = 2) -> dict:
     from diffusers import WanPipeline
 
@@ -92,6 +131,13 @@ def assemble(out_dir, dest, measure_cpu: bool = True, threads: int | None = 2) -
     out = loaded(prompt=D.heldout_prompts()[0]["prompt"], num_frames=5, height=32, width=32,
                  num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").frames
     assert out.shape == (1, 5, 32, 32, 3), out.shape
+    # the training record (small text files): provenance, and what `unpack` needs to resume training
+    record = dest / TRAINING_RECORD
+    record.mkdir(exist_ok=True)
+    for name in RECORD_FILES:
+        src = Path(out_dir) / name
+        if src.exists():
+            (record / name).write_bytes(src.read_bytes())
     timing = measure_cpu_generation(dest, threads) if measure_cpu else None
     curve = (Path(out_dir) / "loss_curve.tsv")
     card = model_card(state, sizes, curve.read_text() if curve.exists() else "", timing,
@@ -323,7 +369,9 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
                     lines += [f"* job {i + 1}'s `--latent-reuse {argv[argv.index('--latent-reuse') + 1]}` did not "
                               "take effect (resumed stages ignored it then; fixed since): the schedule above is what "
                               "ran"]
-        lines += [""]
+        lines += ["* `training/` beside this card holds the run's `state.json`, log, loss curve and tokenizer; "
+                  "`python -m sagevideo.recipes.tiny_wan.assemble --unpack --from <this folder> --to RUN` turns the "
+                  "folder back into a training folder that `train --resume RUN` extends.", ""]
         summary = _curve_summary(curve_tsv)
         if summary:
             lines += [
@@ -411,12 +459,24 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="assemble the tiny-wan pipeline folder from a training folder")
-    ap.add_argument("--from", dest="src", required=True, help="train.py --out folder")
-    ap.add_argument("--to", dest="dest", required=True, help="pipeline folder to write (e.g. assets/tiny-wan)")
+    ap = argparse.ArgumentParser(
+        description="assemble the tiny-wan pipeline folder from a training folder (or, with --unpack, the reverse)",
+        epilog="examples:\n  python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan\n"
+               "  python -m sagevideo.recipes.tiny_wan.assemble --unpack --from assets/tiny-wan --to RUN\n"
+               "  python -m sagevideo.recipes.tiny_wan.train --resume RUN --out RUN4 --more-dit-minutes 8 ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from", dest="src", required=True, help="train.py --out folder (with --unpack: a pipeline folder)")
+    ap.add_argument("--to", dest="dest", required=True, help="pipeline folder to write (e.g. assets/tiny-wan); "
+                                                             "with --unpack: the training folder to write")
+    ap.add_argument("--unpack", action="store_true",
+                    help="write a training folder that train.py --resume continues from, out of an assembled "
+                         "pipeline folder and its training/ record")
     ap.add_argument("--no-cpu-timing", action="store_true", help="skip timing a default-size CPU generation")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for the timing (default 2)")
     args = ap.parse_args(argv)
+    if args.unpack:
+        print(f"wrote training folder {unpack(args.src, args.dest)} (resume it with train.py --resume)")
+        return
     info = assemble(args.src, args.dest, measure_cpu=not args.no_cpu_timing, threads=args.threads)
     total = sum(info["sizes"].values()) / 2**20
     print(f"wrote {args.dest} ({total:.1f} MiB); CPU timing: {info['timing']}")

@@ -100,7 +100,10 @@ Job 3: about 8 more minutes of text encoder + transformer::
         --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3
 
 Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan``
-(RUN3: job 3's files). Any finished job's files assemble into a complete, shorter-trained model.
+(RUN3: job 3's files). Any finished job's files assemble into a complete, shorter-trained model. To train
+the shipped model further, ``python -m sagevideo.recipes.tiny_wan.assemble --unpack --from assets/tiny-wan
+--to .tw1`` rebuilds its training folder (the same fp16 weights, state and tokenizer; ``assets/tiny-wan/training``
+keeps the record), and a job like job 3 resumes from it.
 ``python -m sagevideo.recipes.tiny_wan.speed_probe`` times the training steps against batch size and
 ``torch.compile`` on the GPU at hand (the preset's batch sizes come from it).
 """
