@@ -215,18 +215,23 @@ def cluster_blocks(sizes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     dev = sizes.device
     if c == 0:
         raise ValueError("cluster_blocks: sizes has no clusters (C = 0)")
-    if bool((sizes < 0).any()):
-        raise ValueError("cluster_blocks: cluster sizes must be >= 0")
     totals = sizes.sum(-1)
-    seq = int(totals.flatten()[0]) if totals.numel() else 0
-    if bool((totals != seq).any()):
-        raise ValueError(
-            f"cluster_blocks: cluster sizes must sum to the same sequence length for every (batch, head), got "
-            f"sums from {int(totals.min())} to {int(totals.max())}"
-        )
     chunks = (sizes + block - 1) // block  # (B, H, C)
     cum = chunks.cumsum(-1)
-    n = max(1, int(cum[..., -1].max())) if cum.numel() else 1
+    if sizes.numel():
+        # the checks and the block count in one host sync (this runs in every semantic plan, on the GPU)
+        smallest, lo, hi, most = torch.stack([sizes.min(), totals.min(), totals.max(), cum[..., -1].max()]).tolist()
+    else:
+        smallest, lo, hi, most = 0, 0, 0, 0
+    if smallest < 0:
+        raise ValueError("cluster_blocks: cluster sizes must be >= 0")
+    if lo != hi:
+        raise ValueError(
+            f"cluster_blocks: cluster sizes must sum to the same sequence length for every (batch, head), got "
+            f"sums from {lo} to {hi}"
+        )
+    seq = lo
+    n = max(1, most)
     j = torch.arange(n, device=dev).expand(b, h, n).contiguous()
     cl = torch.searchsorted(cum.contiguous(), j, right=True)  # cluster of the j-th block
     live = cl < c
