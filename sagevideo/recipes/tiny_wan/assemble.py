@@ -87,7 +87,7 @@ def unpack(pipeline_dir, out_dir) -> Path:
     re-warms its learning rate."""
     from diffusers import WanPipeline
 
-    from sagevideo.recipes.tiny_wan.train import named_params, save_tensors
+    from sagevideo.recipes.tiny_wan.train import checkpoint_tensors, named_params, save_tensors
 
     pipeline_dir, out_dir = Path(pipeline_dir), Path(out_dir)
     record = pipeline_dir / TRAINING_RECORD
@@ -96,17 +96,11 @@ def unpack(pipeline_dir, out_dir) -> Path:
         raise SystemExit(f"{pipeline_dir}/{TRAINING_RECORD} lacks {missing} (assembled before the record was kept?)")
     pipe = WanPipeline.from_pretrained(str(pipeline_dir), local_files_only=True, **dtype_kwarg(torch.float32))
     out_dir.mkdir(parents=True, exist_ok=True)
-    def half(named):  # as train.py's checkpoints: fp16, unless a tensor would overflow it
-        out = {}
-        for n, p in named:
-            h = p.detach().to(torch.float16)
-            out[n] = h if torch.isfinite(h).all() else p.detach().float()
-        return out
-
-    save_tensors(out_dir / "transformer.safetensors", half(named_params({"transformer": pipe.transformer})),
+    save_tensors(out_dir / "transformer.safetensors",
+                 checkpoint_tensors(dict(named_params({"transformer": pipe.transformer}))),
                  {"format": "tiny-wan-train", "dtype": "half"})
     save_tensors(out_dir / "vae_text_encoder.safetensors",
-                 half(named_params({"vae": pipe.vae, "text_encoder": pipe.text_encoder})),
+                 checkpoint_tensors(dict(named_params({"vae": pipe.vae, "text_encoder": pipe.text_encoder}))),
                  {"format": "tiny-wan-train", "dtype": "half"})
     for name in RECORD_FILES:  # tokenizer.json: the training run's own serialisation of the tokenizer
         if (record / name).exists():

@@ -207,6 +207,17 @@ FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.saf
 # ----------------------------------------------------------------------------------------------------
 
 
+def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The VAE stages' loss: L1 + L2 weighted per pixel by ``weight`` (normalised by its mean), plus 0.5 x the
+    L1 of the error's image gradients."""
+    err = rec.float() - x
+    norm = weight.mean()
+    l1 = (err.abs() * weight).mean() / norm
+    l2 = (err.pow(2) * weight).mean() / norm
+    grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
+    return l1 + l2 + 0.5 * grad
+
+
 def latent_grid_mask(cover: torch.Tensor, latent_thw: tuple[int, int, int]) -> torch.Tensor:
     """Object coverage ``[B, 1, T, H, W]`` pooled (max) onto the VAE's latent grid ``[B, 1, T', H', W']``: latent
     frame 0 is frame 0 and latent frame ``i > 0`` frames ``4i-3 .. 4i`` (the causal VAE's 1 + 4k grouping);
@@ -264,6 +275,19 @@ def named_params(modules: dict[str, torch.nn.Module]) -> list[tuple[str, torch.n
     out = []
     for prefix, m in modules.items():
         out.extend((f"{prefix}.{n}", p) for n, p in m.named_parameters())
+    return out
+
+
+def checkpoint_tensors(tensors: dict[str, torch.Tensor], exact: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors as the training checkpoints store them: fp16, which halves the files (a tensor that would
+    overflow fp16 stays fp32), or fp32 with ``exact``."""
+    out = {}
+    for k, v in tensors.items():
+        if exact:
+            out[k] = v.detach().float()
+            continue
+        h = v.detach().to(torch.float16)
+        out[k] = h if torch.isfinite(h).all() else v.detach().float()
     return out
 
 
@@ -430,15 +454,8 @@ class Trainer:
         t = time.time()
         exact = self.args.checkpoint_dtype == "float32"
 
-        def half(d):  # fp16 halves the files; a tensor that would overflow fp16 stays fp32
-            out = {}
-            for k, v in d.items():
-                if exact:
-                    out[k] = v.detach().float()
-                    continue
-                h = v.detach().to(torch.float16)
-                out[k] = h if torch.isfinite(h).all() else v.detach().float()
-            return out
+        def half(d):
+            return checkpoint_tensors(d, exact)
 
         save_tensors(self.out / "transformer.safetensors",
                      half({n: p for n, p in named_params({"transformer": self.transformer})}),
@@ -601,15 +618,9 @@ class Trainer:
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=self.device,
                                                    dtype=post.mean.dtype)
             rec = self.vae.decode(z).sample
-        rec = rec.float()
-        err = rec - x
-        norm = weight.mean()
-        l1 = (err.abs() * weight).mean() / norm
-        l2 = (err.pow(2) * weight).mean() / norm
-        grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
         mean, logvar = post.mean.float(), post.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-        return l1 + l2 + 0.5 * grad + 1e-4 * kl
+        return reconstruction_loss(rec, x, weight) + 1e-4 * kl
 
     def train_vae(self) -> None:
         st = self.state["vae"]
@@ -644,12 +655,7 @@ class Trainer:
             with torch.no_grad():
                 z = self.vae.encode(x).latent_dist.mode()
             rec = self.vae.decode(z).sample
-        err = rec.float() - x
-        norm = weight.mean()
-        l1 = (err.abs() * weight).mean() / norm
-        l2 = (err.pow(2) * weight).mean() / norm
-        grad = (err[..., 1:, :] - err[..., :-1, :]).abs().mean() + (err[..., :, 1:] - err[..., :, :-1]).abs().mean()
-        return l1 + l2 + 0.5 * grad
+        return reconstruction_loss(rec, x, weight)
 
     def train_vae_decoder(self) -> None:
         st = self.state["vae_decoder"]
