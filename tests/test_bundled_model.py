@@ -5,7 +5,7 @@
 * a fixed seed gives identical output on the CPU, another seed a different one;
 * text conditioning works on *held-out* prompts - (colour, shape, direction) triples never seen in
   training: the dominant hue of the frames is nearest the colour word, and the object's centroid moves
-  the stated way (the second is a strict expected failure for the 2026-11-23 model: 3 of 8 on this CPU).
+  the stated way.
 
 Videos for the conditioning checks are 17x128x128 (a trained size, 320 video tokens) at 16 steps, so
 the file runs in well under two minutes on two cores. All tests skip while the asset has not been
@@ -143,9 +143,6 @@ def test_colour_word_sets_dominant_hue_on_heldout_prompts(heldout_videos):
         assert any(r["colour_ok"] for p, r in results if p["colour"] == colour), (colour, detail)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 3: the bundled model (2026-11-23) follows direction words on only "
-                   "3-4 of the 8 held-out prompts; strict, so a retrained model that passes turns this into a failure "
-                   "until the mark is removed")
 def test_direction_word_sets_motion_on_heldout_prompts(heldout_videos):
     from sagevideo.recipes.tiny_wan.evaluate import check_video
 

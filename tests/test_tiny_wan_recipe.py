@@ -592,3 +592,23 @@ def test_latent_reuse_given_on_resume_takes_effect(tmp_path):
     step, reuse, first_batch = sched[-1]
     assert (step, reuse) == (state_a["dit"]["step"], 3)
     assert first_batch > 0  # new data after the batches already used
+
+
+def test_dit_shift_given_on_resume_applies_from_that_step(tmp_path):
+    """``--dit-shift`` on a call that extends the transformer stage changes the training noise levels from that
+    call's first step on, and the state records it (so the data stream stays reproducible from the argv)."""
+    from sagevideo.recipes.tiny_wan import model as M
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    _train("--out", first, *SMOKE)
+    _train("--resume", first, "--out", second, *[a for a in SMOKE if a not in ("--dit-steps", "4")],
+           "--more-dit-steps", "2", "--dit-shift", "4")
+    state_a, state_b = (json.loads((d / "state.json").read_text()) for d in (first, second))
+    assert state_a["dit"]["shift_schedule"] == [[0, M.TRAIN_SHIFT]]
+    assert state_b["dit"]["shift_schedule"] == [[0, M.TRAIN_SHIFT], [state_a["dit"]["step"], 4.0]]
+    # a larger shift moves the sampled noise levels up (same generator stream)
+    lo = M.sample_sigmas(4096, torch.Generator().manual_seed(0), "cpu", shift=M.TRAIN_SHIFT)
+    hi = M.sample_sigmas(4096, torch.Generator().manual_seed(0), "cpu", shift=4.0)
+    assert bool((hi >= lo).all()) and float(hi.mean()) > float(lo.mean()) + 0.05
+    with pytest.raises(SystemExit):
+        _train("--out", tmp_path / "c", *SMOKE, "--dit-shift", "0")

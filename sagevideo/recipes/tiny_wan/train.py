@@ -68,16 +68,18 @@ The two ``optim_*`` files may be left out (a finished run needs none; an unfinis
 with fresh moments and a learning-rate re-warmup). ``python -m sagevideo.recipes.tiny_wan.assemble`` turns
 a finished folder into ``assets/tiny-wan``.
 
-Three GPU jobs of at most 10 minutes each
------------------------------------------
+Five GPU jobs of at most 10 minutes each
+----------------------------------------
 
-The recipe for ``assets/tiny-wan`` (about 25 minutes of one H100 in all; the 2026-11-23 model ran job 3 on
-an H200). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and huggingface_hub:
-``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``scikit-image==0.26.0`` (its sample photographs;
-it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``). Without a network there,
-carry the wheels in a folder ``.whl/`` and install them first. ``$OUT`` is the folder whose files the job
-returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the two ``optim_*`` files
-(smaller to carry; the stage re-warms its learning rate). Every job starts with::
+The recipe for ``assets/tiny-wan`` (about 45 minutes of one H100 in all, 38 of them training; the 2026-11-23
+model ran job 3 on an H200). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and
+huggingface_hub: ``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``scikit-image==0.26.0`` (its
+sample photographs; it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``).
+Without a network there, carry the wheels in a folder ``.whl/`` and install them first. ``$OUT`` is the
+folder whose files the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
+two ``optim_*`` files (smaller to carry; the stage re-warms its learning rate), or assemble them into
+``assets/tiny-wan`` and rebuild ``.tw1`` on the GPU machine with ``assemble --unpack`` (below). Every job
+starts with::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -94,13 +96,21 @@ decode with colour casts), then about 6 more minutes of text encoder + transform
     python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
         --vae-decoder-minutes 2.0 --more-dit-minutes 7 --total-minutes 9.3
 
-Job 3: about 8 more minutes of text encoder + transformer::
+Jobs 3-5: about 8 more minutes of text encoder + transformer each, jobs 4 and 5 with the training noise
+levels shifted up to the sampler's shift (``--dit-shift 3``, which job 5 keeps)::
 
     python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3
+        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3                # job 3
+    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
+        --more-dit-minutes 8 --latent-reuse 8 --dit-shift 3 --total-minutes 9.3  # job 4
+    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
+        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3                # job 5
 
-Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan``
-(RUN3: job 3's files). Any finished job's files assemble into a complete, shorter-trained model. To train
+Colour words are followed after job 1; direction words last, one axis at a time (after job 3, ~5,100
+transformer steps: only "left"; after job 4, ~8,800: left and right; after job 5, ~12,700: all four).
+
+Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN5 --to assets/tiny-wan``
+(RUN5: job 5's files). Any finished job's files assemble into a complete, shorter-trained model. To train
 the shipped model further, ``python -m sagevideo.recipes.tiny_wan.assemble --unpack --from assets/tiny-wan
 --to .tw1`` rebuilds its training folder (the same fp16 weights, state and tokenizer; ``assets/tiny-wan/training``
 keeps the record), and a job like job 3 resumes from it.
@@ -751,6 +761,14 @@ class Trainer:
                 return base + (step - s0) // reuse
         raise AssertionError(step)
 
+    def _shift_schedule(self) -> list:
+        """[[from_step, shift], ...]: the flow shift of the training noise levels (:func:`model.sample_sigmas`)
+        from each step on; ``--dit-shift`` on a later call appends an entry."""
+        return self.state["dit"].setdefault("shift_schedule", [[0, M.TRAIN_SHIFT]])
+
+    def _shift_at(self, step: int) -> float:
+        return next(shift for s0, shift in reversed(self._shift_schedule()) if step >= s0)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -794,7 +812,7 @@ class Trainer:
         rng = D.stream_rng(self.args.seed, "dit-drop", step)
         captions = ["" if rng.random() < c["caption_dropout"] else cap for cap in captions]
         g = D.stream_generator(self.args.seed, "dit-noise", step, self.device)
-        sigmas = M.sample_sigmas(latents.shape[0], g, self.device)
+        sigmas = M.sample_sigmas(latents.shape[0], g, self.device, shift=self._shift_at(step))
         noise = torch.randn(latents.shape, generator=g, device=self.device)
         noisy, timesteps, target = M.flow_targets(latents, noise, sigmas)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
@@ -857,13 +875,20 @@ class Trainer:
         if self.args.latent_reuse is not None and sched[-1][1] != self.args.latent_reuse and st["step"] > 0:
             # a resumed or extended stage takes this call's --latent-reuse from its current step on
             sched.append([st["step"], self.args.latent_reuse, self._data_index(st["step"] - 1) + 1])
+        shifts = self._shift_schedule()
+        if self.args.dit_shift is not None and shifts[-1][1] != self.args.dit_shift:
+            if shifts[-1][0] == st["step"]:
+                shifts[-1][1] = self.args.dit_shift
+            else:
+                shifts.append([st["step"], self.args.dit_shift])
         self.vae.requires_grad_(False)
         self.vae.eval()
         self.text_encoder.requires_grad_(True)
         self.transformer.requires_grad_(True)
         self.log(f"[dit] training text encoder + transformer: buckets "
                  f"{[(b['frames'], b['height'], b['width'], b['batch'], b['weight']) for b in c['dit_buckets']]}, "
-                 f"latent reuse {self._reuse_schedule()[-1][1]}, budget {minutes} min")
+                 f"latent reuse {self._reuse_schedule()[-1][1]}, noise-level shift {self._shift_schedule()[-1][1]:g}, "
+                 f"budget {minutes} min")
         compiled = self._compile_blocks()
         try:
             with M.compact_cross_attention(self.transformer) as self._set_bias:
@@ -959,6 +984,11 @@ def parse_args(argv=None):
                         "stays valid); runs before any transformer training of the same call")
     p.add_argument("--vae-decoder-steps", type=int, default=None, help="fix the decoder fine-tune's length")
     p.add_argument("--latent-reuse", type=int, default=None, help="steps per encoded latent batch (default: preset)")
+    p.add_argument("--dit-shift", type=float, default=None,
+                   help="flow shift of the transformer's training noise levels from this call's first step on "
+                        f"(default: the run's current value, {M.TRAIN_SHIFT:g} at the start; larger puts more "
+                        "steps at high noise, where layout and motion are decided; the scheduler samples with "
+                        f"{M.FLOW_SHIFT:g})")
     p.add_argument("--stop-after-steps", type=int, default=None,
                    help="pause this call after N optimizer steps (both stages counted), leaving the stage in "
                         "progress unfinished; --resume continues it exactly where it stopped")
@@ -975,7 +1005,10 @@ def parse_args(argv=None):
                    help="torch.compile the transformer blocks while training them (auto: on CUDA, if the preset "
                         "says so)")
     p.add_argument("--export", default=None, help="also write the assembled pipeline folder here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.dit_shift is not None and not args.dit_shift > 0:
+        p.error(f"--dit-shift must be positive, got {args.dit_shift}")
+    return args
 
 
 def main(argv=None) -> None:
