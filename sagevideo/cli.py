@@ -207,7 +207,7 @@ def _info(msg: str) -> None:
 
 def _check_output_file(path: str) -> Path:
     from sagevideo.generate import InputError
-    from sagevideo.video_io import VIDEO_EXTENSIONS, VideoWriteError, _ensure_writable_dir
+    from sagevideo.video_io import VIDEO_EXTENSIONS, VideoWriteError, _ensure_writable_dir, mp4_unavailable_reason
 
     out = Path(path).expanduser()
     if out.suffix.lower() not in VIDEO_EXTENSIONS:
@@ -219,6 +219,10 @@ def _check_output_file(path: str) -> Path:
         _ensure_writable_dir(out.parent if str(out.parent) else Path("."))
     except VideoWriteError as exc:
         raise InputError(f"--output {path}: {exc}; choose a writable location") from None
+    if out.suffix.lower() == ".mp4":
+        reason = mp4_unavailable_reason()  # before generating, not after
+        if reason is not None:
+            raise InputError(f"--output {path}: {reason}")
     return out
 
 
@@ -334,7 +338,10 @@ def _cmd_compare(args) -> int:
             heads = ", ".join(f"{k} {v}" for k, v in sorted(r.get("heads", {}).items()))
             print(f"sparse attention in {name}: {r['calls']} calls, mean density {r['mean_density']:.3f}"
                   + (f" (head classes: {heads})" if heads else ""))
-    print(f"wrote {(out_dir / 'report.html').resolve()} (and metrics.json, side_by_side.mp4)")
+    doc = res.get("report") or {}
+    video = (doc.get("side_by_side") or {}).get("file")
+    print(f"wrote {(out_dir / 'report.html').resolve()} (and metrics.json"
+          + (f", {video})" if video else f"; no side-by-side video: {doc['side_by_side'].get('unavailable')})"))
     return EXIT_OK
 
 

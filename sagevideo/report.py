@@ -31,6 +31,7 @@ import io
 import json
 import math
 import os
+import warnings
 from importlib import metadata as _md
 from pathlib import Path
 from typing import Any, Iterable
@@ -39,7 +40,7 @@ import numpy as np
 
 from sagevideo import metrics as _m
 from sagevideo._lpips import LPIPSUnavailableError
-from sagevideo.video_io import _ensure_writable_dir, write_video
+from sagevideo.video_io import _ensure_writable_dir, mp4_unavailable_reason, write_video
 
 __all__ = ["DIFF_GAIN", "SCHEMA", "load_metrics", "write_report"]
 
@@ -329,6 +330,11 @@ def _html(doc: dict, dense: np.ndarray, accel: np.ndarray, gain: float, k_frames
     e = html.escape
     m = doc["metrics"]
     v = doc["video"]
+    if doc["side_by_side"].get("file"):
+        video_note = (f'Side-by-side video: <a href="{_VIDEO_FILE}">{_VIDEO_FILE}</a> (dense | accelerated | '
+                      f"absolute difference × {gain:g})")
+    else:
+        video_note = f"No side-by-side video: {e(str(doc['side_by_side'].get('unavailable')))}"
     cards = []
     specs = [
         ("psnr", "PSNR", " dB", "higher is better", "#3a5ccc"),
@@ -396,8 +402,7 @@ def _html(doc: dict, dense: np.ndarray, accel: np.ndarray, gain: float, k_frames
 <main>
 <section><h2>Summary</h2><div class="cards">{''.join(cards)}</div>
 <p class="note">All metrics compare the raw decoded frames of the two generations (never re-encoded video).
-Side-by-side video: <a href="{_VIDEO_FILE}">{_VIDEO_FILE}</a> (dense | accelerated | absolute difference
-× {gain:g}); machine-readable values: <a href="{_METRIC_FILE}">{_METRIC_FILE}</a>.</p></section>
+{video_note}; machine-readable values: <a href="{_METRIC_FILE}">{_METRIC_FILE}</a>.</p></section>
 <section><h2>Per-frame metrics</h2>
 {''.join(charts) or '<p class="note">No per-frame metric available.</p>'}
 </section>
@@ -508,6 +513,11 @@ def write_report(
         "files": [_METRIC_FILE, _VIDEO_FILE, _HTML_FILE],
         "info": info or {},
     }
+    no_video = mp4_unavailable_reason()
+    if no_video is not None:  # the metrics are the point: report them, say plainly that the video is missing
+        warnings.warn(f"no {_VIDEO_FILE} in the report: {no_video}", RuntimeWarning, stacklevel=2)
+        doc["side_by_side"] = {"file": None, "unavailable": no_video}
+        doc["files"] = [_METRIC_FILE, _HTML_FILE]
     doc = _jsonable(doc)
 
     dense_u8 = _m.to_uint8_numpy(dense_frames, "dense_frames")
@@ -516,7 +526,8 @@ def write_report(
     with open(out / _METRIC_FILE, "w", encoding="utf-8") as fh:
         json.dump(_encode_nonfinite(doc), fh, indent=2, ensure_ascii=False, allow_nan=False)
         fh.write("\n")
-    write_video(out / _VIDEO_FILE, _side_by_side(dense_u8, accel_u8, float(diff_gain)), fps=fps)
+    if no_video is None:
+        write_video(out / _VIDEO_FILE, _side_by_side(dense_u8, accel_u8, float(diff_gain)), fps=fps)
     page = _html(doc, dense_u8, accel_u8, float(diff_gain), preview_frames, preview_max_width)
     (out / _HTML_FILE).write_text(page, encoding="utf-8")
     return doc

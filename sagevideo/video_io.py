@@ -30,8 +30,10 @@ from sagevideo.metrics import to_uint8_numpy
 
 __all__ = [
     "VIDEO_EXTENSIONS",
+    "EncoderUnavailableError",
     "UnsupportedFormatError",
     "VideoWriteError",
+    "mp4_unavailable_reason",
     "read_frames",
     "read_video",
     "write_frames",
@@ -48,6 +50,23 @@ class UnsupportedFormatError(ValueError):
 
 class VideoWriteError(OSError):
     """The destination folder could not be created or is not writable."""
+
+
+class EncoderUnavailableError(RuntimeError):
+    """Writing ``.mp4`` needs ffmpeg through imageio-ffmpeg, and it cannot be loaded here."""
+
+
+def mp4_unavailable_reason() -> str | None:
+    """``None`` when ``.mp4`` can be written here, else why not (with the fix). ``.gif`` and PNG folders need
+    only Pillow."""
+    try:
+        import imageio_ffmpeg
+
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except Exception as exc:  # ImportError, or RuntimeError when no ffmpeg binary is found
+        return (f"writing .mp4 needs ffmpeg through the imageio-ffmpeg package, which is not usable here "
+                f"({type(exc).__name__}: {exc}); `pip install imageio-ffmpeg`, or write .gif or a PNG folder")
+    return None
 
 
 def _extension(path: Path) -> str:
@@ -95,6 +114,9 @@ def write_video(path: str | os.PathLike, frames: Any, fps: float = 16.0, *, crf:
         fps: frames per second (> 0).
         crf: x264 constant rate factor for ``.mp4`` (0 = lossless in luma but still 4:2:0 chroma, 18 default,
             51 worst). Ignored for ``.gif``.
+
+    Raises:
+        EncoderUnavailableError: ``.mp4`` without a usable imageio-ffmpeg (:func:`mp4_unavailable_reason`).
     """
     path = Path(path)
     ext = _extension(path)
@@ -104,6 +126,10 @@ def write_video(path: str | os.PathLike, frames: Any, fps: float = 16.0, *, crf:
         raise ValueError(f"crf must be an int in 0..51, got {crf!r}")
     data = to_uint8_numpy(frames, "frames")
     _ensure_writable_dir(path.parent)
+    if ext == ".mp4":
+        reason = mp4_unavailable_reason()
+        if reason is not None:
+            raise EncoderUnavailableError(reason)
 
     import imageio.v2 as iio2
 

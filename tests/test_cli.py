@@ -285,3 +285,37 @@ def test_compare_reports_sparse_density(capsys, tmp_path, model_dir):
     assert 0.0 < sparse["mean_density"] <= 1.0
     assert sum(sparse["heads"].values()) > 0
     assert f"mean density {sparse['mean_density']:.3f}" in stdout
+
+
+def _no_ffmpeg(monkeypatch):
+    """Make imageio-ffmpeg unimportable, as on a machine where it was not installed (the GPU hosts of
+    2026-11-23 lacked it: `compare` did all its work and then died writing the side-by-side video)."""
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+
+
+def test_generate_mp4_without_ffmpeg_fails_before_generating(capsys, tmp_path, model_dir, monkeypatch):
+    _no_ffmpeg(monkeypatch)
+    called = []
+    monkeypatch.setattr("sagevideo.generate.generate", lambda *a, **k: called.append(1))
+    rc, _, err = run_cli(capsys, "generate", "--prompt", PROMPT, "--model", model_dir, *SMALL,
+                         "--output", tmp_path / "out.mp4")
+    assert rc == cli.EXIT_INPUT and "imageio-ffmpeg" in err and ".gif" in err
+    assert not called and not (tmp_path / "out.mp4").exists()
+
+
+def test_compare_without_ffmpeg_reports_metrics_and_says_the_video_is_missing(capsys, tmp_path, model_dir,
+                                                                              monkeypatch):
+    _no_ffmpeg(monkeypatch)
+    out = tmp_path / "report"
+    with pytest.warns(RuntimeWarning, match="imageio-ffmpeg"):
+        rc, stdout, _ = run_cli(capsys, "compare", "--prompt", PROMPT, "--model", model_dir, *SMALL,
+                                "--attention", "dense", "--output", out)
+    assert rc == cli.EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.html"]
+    doc = json.loads((out / "metrics.json").read_text())
+    assert doc["side_by_side"]["file"] is None and "imageio-ffmpeg" in doc["side_by_side"]["unavailable"]
+    assert doc["files"] == ["metrics.json", "report.html"]
+    assert doc["metrics"]["psnr"]["available"]
+    page = (out / "report.html").read_text()
+    assert "side_by_side.mp4" not in page and "No side-by-side video" in page
+    assert "no side-by-side video" in stdout
