@@ -391,3 +391,33 @@ def test_warm_kmeans_does_not_sync_gpu():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert res.iters == 2
+
+
+def test_onehot_sums_equal_scatter_add_sums():
+    """The update's one-hot product (taken for 16-bit points on CUDA) sums the same points per cluster as the
+    scatter-add, in chunks smaller than the set; here its CPU form (fp32 products), bf16 points."""
+    from sagevideo.sparse.kmeans import _onehot_sums
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 500, 16, generator=g) * 4 + 1).to(torch.bfloat16)
+    labels = torch.randint(0, 37, (3, 500), generator=g)
+    labels[:, :40] = 5  # one crowded cluster, and some clusters left empty
+    ref = torch.zeros(3, 37, 16).scatter_add_(1, labels[..., None].expand(-1, -1, 16), x.float())
+    got = _onehot_sums(x, labels, 37, budget=3 * 37 * 64)  # 64-point chunks
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
+    assert got.dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_onehot_update_matches_scatter_add_gpu():
+    from sagevideo.sparse.kmeans import _onehot_sums, bmm_f32
+
+    x, cent = _wan_like(3, s=8192, k=1000)
+    labels = torch.randint(0, 1000, x.shape[:2], device="cuda")
+    ref = torch.zeros(x.shape[0], 1000, x.shape[2], device="cuda")
+    ref.scatter_add_(1, labels[..., None].expand(-1, -1, x.shape[2]), x.float())
+    torch.testing.assert_close(_onehot_sums(x, labels, 1000, budget=1 << 24), ref, rtol=1e-5, atol=1e-4)
+    a, b = x[:2, :64], x[:2, 64:192].transpose(1, 2)
+    out = bmm_f32(a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.bmm(a.double(), b.double()).float(), rtol=1e-5, atol=1e-4)

@@ -118,3 +118,27 @@ def test_sample_rows_are_distinct_seeded_video_rows():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.unique().numel() == 20 and int(a.min()) >= 7 and int(a.max()) < 43
     assert sample_rows(layout, 1000).numel() == 36  # capped at the video rows
+
+
+@pytest.mark.gpu
+def test_bf16_operands_on_gpu_give_the_fp32_path_errors():
+    """On CUDA, 16-bit Q/K/V are profiled with 16-bit operands and fp32 scores (no fp32 copies); the errors
+    must match those of the same values upcast to fp32 (the fp32 path) - at a Wan-like size with local
+    structure, where the classes must also agree."""
+    grid = (6, 16, 24)
+    s = grid[0] * grid[1] * grid[2]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    layout = P.token_layout(grid, s)
+    t, hh, ww = P.video_coords(grid, torch.arange(s, device="cuda"))
+    pos = torch.stack([t, hh, ww], -1).float()
+    freqs = torch.randn(3, 32, generator=g, device="cuda")
+    field = torch.cat([torch.sin(pos @ freqs), torch.cos(pos @ freqs)], -1)  # smooth over the grid
+    q = (field[None, None] * 3 + 0.3 * torch.randn(1, 4, s, 64, generator=g, device="cuda")).to(torch.bfloat16)
+    k = (field[None, None] * 3 + 0.3 * torch.randn(1, 2, s, 64, generator=g, device="cuda")).to(torch.bfloat16)
+    v = torch.randn(1, 2, s, 64, generator=g, device="cuda").to(torch.bfloat16)
+    kw = dict(width=1, radius=2, num_samples=64, generator=torch.Generator().manual_seed(1), tolerance=10.0)
+    c16, e16 = profile_heads(q, k, v, layout, **kw)
+    kw["generator"] = torch.Generator().manual_seed(1)
+    c32, e32 = profile_heads(q.float(), k.float(), v.float(), layout, **kw)
+    torch.testing.assert_close(e16, e32, rtol=2e-3, atol=2e-3)
+    assert torch.equal(c16, c32)
