@@ -123,8 +123,8 @@ def test_sample_rows_are_distinct_seeded_video_rows():
 @pytest.mark.gpu
 def test_bf16_operands_on_gpu_give_the_fp32_path_errors():
     """On CUDA, 16-bit Q/K/V are profiled with 16-bit operands and fp32 scores (no fp32 copies); the errors
-    must match those of the same values upcast to fp32 (the fp32 path) - at a Wan-like size with local
-    structure, where the classes must also agree."""
+    must match those of the same values upcast to fp32 (the fp32 path), at a size with local structure, and
+    so must the classes except at near-ties."""
     grid = (6, 16, 24)
     s = grid[0] * grid[1] * grid[2]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -141,4 +141,9 @@ def test_bf16_operands_on_gpu_give_the_fp32_path_errors():
     kw["generator"] = torch.Generator().manual_seed(1)
     c32, e32 = profile_heads(q.float(), k.float(), v.float(), layout, **kw)
     torch.testing.assert_close(e16, e32, rtol=2e-3, atol=2e-3)
-    assert torch.equal(c16, c32)
+    # the classes agree wherever the two patterns are not a near-tie: with both errors within the bound above
+    # (errors <= 1 here), a flip needs the two errors within 8e-3 of each other (on the H100, 2026-11-23, one
+    # of the four heads was such a tie and flipped)
+    assert bool((e32 <= 1).all())
+    decisive = (e32[..., 0] - e32[..., 1]).abs() > 1e-2
+    assert torch.equal(c16[decisive], c32[decisive])
