@@ -319,3 +319,19 @@ def test_compare_without_ffmpeg_reports_metrics_and_says_the_video_is_missing(ca
     page = (out / "report.html").read_text()
     assert "side_by_side.mp4" not in page and "No side-by-side video" in page
     assert "no side-by-side video" in stdout
+
+
+def test_compare_warms_up_every_method_the_schedule_uses():
+    """The sparse methods' default schedules keep early steps dense, so warming up the schedule itself for a
+    step compiles none of them: the warm-up must run each method of the schedule on every call."""
+    from sagevideo.comparison import _warmup_configs
+    from sagevideo.generate import build_config
+
+    for name in ("sparse-semantic", "sparse-spatiotemporal", "int8-fp8"):
+        config = build_config("wan", name)
+        used = {config.default} | {r.method for r in config.rules}
+        warm = _warmup_configs(config)
+        assert {c.default for c, _ in warm} == used - {"dense"}
+        assert all(not c.rules for c, _ in warm)
+        if name.startswith("sparse"):
+            assert config.rules  # the schedule itself starts dense: the case this guards
