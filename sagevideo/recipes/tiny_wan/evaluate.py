@@ -6,6 +6,12 @@ on a black background. The object is the set of saturated, not-dark pixels; its 
 saturation-weighted circular mean hue of those pixels, and its *motion* is the displacement of the mask
 centroid from the first quarter of the frames to the last quarter, in units of ``min(height, width)``
 with ``y`` pointing down (so "up" is negative ``dy``, as in :data:`data.DIRECTIONS`).
+
+Shape is measured on the object's *silhouette* (:func:`silhouette`): per frame, the largest connected part of
+the object's bright core (object pixels at least half as bright as its 95th-percentile value), summarised by
+its fill ratio (area over bounding-box area), its bottom-heaviness and its hole fraction. The generated
+shapes are blurred, so these are compared between videos that differ only in the shape word
+(:func:`shape_contrasts`), not against absolute values.
 """
 
 from __future__ import annotations
@@ -126,6 +132,137 @@ def check_video(frames, colour: str | None = None, direction: str | None = None)
         across = abs(-dx * uy + dy * ux)
         out["along"], out["across"] = along, across
         out["direction_ok"] = bool(along >= MIN_DISPLACEMENT and along > across)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shape: silhouette statistics
+# ----------------------------------------------------------------------------------------------------
+
+CORE_BRIGHTNESS = 0.5  # silhouette = object pixels at least this fraction as bright as the object's 95th percentile
+MIN_SILHOUETTE_AREA = 8  # pixels; smaller frames are skipped
+
+#: Orderings of silhouette statistics that the rendered geometry (:func:`data._shape_distance`) predicts with a
+#: wide gap, as ``(statistic, larger shape, smaller shape)``. Fill ratio of the rendered shapes: square 1.0,
+#: circle 0.78, ring ~0.6, triangle and diamond ~0.52, star ~0.48; bottom-heaviness: the apex-up triangle
+#: ~0.16, the others |x| <= 0.05. Used between videos that differ only in the shape word.
+SHAPE_ORDERINGS: tuple[tuple[str, str, str], ...] = (
+    ("fill", "square", "circle"),
+    ("fill", "circle", "triangle"),
+    ("fill", "circle", "diamond"),
+    ("fill", "circle", "star"),
+    ("bottom_heavy", "triangle", "square"),
+    ("bottom_heavy", "triangle", "circle"),
+)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of each 2-D mask in ``mask`` (``[..., H, W]`` bool), by iterated
+    minimum-label propagation (numpy only)."""
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim > 2:
+        return np.stack([largest_component(m) for m in mask])
+    if not mask.any():
+        return mask.copy()
+    H, W = mask.shape
+    big = H * W
+    label = np.where(mask, np.arange(H * W).reshape(H, W), big)
+    while True:
+        new = label.copy()
+        new[1:] = np.minimum(new[1:], label[:-1])
+        new[:-1] = np.minimum(new[:-1], label[1:])
+        new[:, 1:] = np.minimum(new[:, 1:], label[:, :-1])
+        new[:, :-1] = np.minimum(new[:, :-1], label[:, 1:])
+        new = np.where(mask, new, big)
+        if np.array_equal(new, label):
+            break
+        label = new
+    ids, counts = np.unique(label[mask], return_counts=True)
+    return label == ids[np.argmax(counts)]
+
+
+def fill_ratio(mask: np.ndarray) -> float:
+    """Area of a 2-D mask over the area of its bounding box: 1 for an axis-aligned square, pi/4 ~ 0.79 for a
+    disc, 0.5 for a triangle or a diamond, lower for a star. NaN for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return float("nan")
+    return float(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+
+
+def bottom_heaviness(mask: np.ndarray) -> float:
+    """How far the centroid of a 2-D mask lies below the centre of its bounding box, in bounding-box heights
+    (``y`` down): ~ +1/6 for a triangle with its apex up, 0 for shapes symmetric about a horizontal axis."""
+    ys, _ = np.nonzero(mask)
+    if len(ys) == 0:
+        return float("nan")
+    top, bottom = ys.min(), ys.max()
+    return float((ys.mean() - 0.5 * (top + bottom)) / (bottom - top + 1))
+
+
+def hole_fraction(mask: np.ndarray) -> float:
+    """Share of the filled silhouette that is enclosed background (a ring's hole; 0 for solid shapes)."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return float("nan")
+    crop = np.pad(mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1], 1)
+    outside = np.zeros_like(crop)
+    outside[0, :] = outside[-1, :] = outside[:, 0] = outside[:, -1] = True
+    outside &= ~crop
+    while True:  # flood the background from the border of the padded crop
+        grown = outside.copy()
+        grown[1:] |= outside[:-1]
+        grown[:-1] |= outside[1:]
+        grown[:, 1:] |= outside[:, :-1]
+        grown[:, :-1] |= outside[:, 1:]
+        grown &= ~crop
+        if np.array_equal(grown, outside):
+            break
+        outside = grown
+    filled = (~outside).sum()
+    return float(1.0 - crop.sum() / filled)
+
+
+def silhouette_mask(video: np.ndarray) -> np.ndarray:
+    """``[T, H, W]`` silhouette per frame: the object pixels (:func:`object_mask`) whose value is at least
+    :data:`CORE_BRIGHTNESS` times the 95th percentile of the frame's object values (this drops the faint
+    blur and motion trail around a generated object), then the largest connected part."""
+    video = as_video(video)
+    _, _, v = rgb_to_hsv(video)
+    obj = object_mask(video)
+    core = np.zeros_like(obj)
+    for t in range(len(obj)):
+        if obj[t].any():
+            core[t] = obj[t] & (v[t] >= CORE_BRIGHTNESS * np.percentile(v[t][obj[t]], 95))
+    return largest_component(core)
+
+
+def silhouette(frames, skip_first: int = 1) -> dict:
+    """Median over frames (after the first ``skip_first``, which the causal VAE decodes from a latent of its
+    own and blurs most) of the silhouette's :func:`fill_ratio` (``"fill"``), :func:`bottom_heaviness`
+    (``"bottom_heavy"``), :func:`hole_fraction` (``"hole"``) and area in pixels, with the number of frames
+    used. Values are NaN when no frame has an object of at least :data:`MIN_SILHOUETTE_AREA` pixels."""
+    masks = silhouette_mask(frames)[skip_first:]
+    rows = [(fill_ratio(m), bottom_heaviness(m), hole_fraction(m), float(m.sum()))
+            for m in masks if m.sum() >= MIN_SILHOUETTE_AREA]
+    keys = ("fill", "bottom_heavy", "hole", "area")
+    if not rows:
+        return {**{k: float("nan") for k in keys}, "frames": 0}
+    arr = np.asarray(rows)
+    return {**{k: float(np.median(arr[:, i])) for i, k in enumerate(keys)}, "frames": len(rows)}
+
+
+def shape_contrasts(by_shape: dict[str, dict]) -> list[dict]:
+    """The :data:`SHAPE_ORDERINGS` that apply to the shapes in ``by_shape`` (shape word -> :func:`silhouette`
+    of a video; the videos should differ only in that word: same seed, colour, direction and background), each
+    as ``{"statistic", "larger", "smaller", "margin", "ok"}`` with ``margin`` = statistic of the shape predicted
+    larger minus that of the other (``ok``: margin > 0)."""
+    out = []
+    for stat, hi, lo in SHAPE_ORDERINGS:
+        if hi in by_shape and lo in by_shape:
+            margin = by_shape[hi][stat] - by_shape[lo][stat]
+            out.append({"statistic": stat, "larger": hi, "smaller": lo, "margin": float(margin),
+                        "ok": bool(margin > 0)})
     return out
 
 
