@@ -13,20 +13,22 @@ and costs no extra memory pass.
 
 Two implementations of the same pass, selected by ``quantize_qkv(..., fused=...)``:
 
-* ``fused=True`` (opt-in for now, see :func:`quantize_qkv`): the statistics over tokens (K's mean, V's mean
+* ``fused=True`` (the default): the statistics over tokens (K's mean, V's mean
   and amax, what ``reference.kv_stats`` computes) come from :func:`_kv_stats_partial` — one read of K and V, tokens split
   over programs, per-program partial sums / minima / maxima — and :func:`_kv_stats_final`, a tiny launch
   that combines the partials per (batch, kv-head) and also derives V's FP8 scale and its inverse. Then one
   launch, :func:`_quant_qkv_fused`, quantizes Q, K and (FP8) V together: its 1-D grid is the Q row blocks,
-  then the K row blocks, then the V row blocks (V transposed four tokens a 32-bit word, so that the
-  transposing store moves words, not bytes). Three launches in all, no torch ops in between.
-* ``fused=False`` (the default): ``reference.kv_stats`` (torch reductions), then one launch for Q, one for K
-  and one for V, with small torch ops in between (the pass as it was before the fused one, GPU-verified).
+  then the K row blocks, then the V row blocks (V stored transposed, one byte per element, by
+  :func:`_fp8_t_tile`). Three launches in all, no torch ops in between. An earlier version packed four
+  tokens of V into each 32-bit word of the transposing store; on an H100 (Triton 3.6) that store left
+  words unwritten when V was an unaligned strided view, so it was removed (``benchmarks/RESULTS.md``).
+* ``fused=False``: ``reference.kv_stats`` (torch reductions), then one launch for Q, one for K and one for V,
+  with small torch ops in between (the pass as it was before the fused one; kept as the reference the fused
+  launch is tested against bit for bit, given the same statistics).
 
-Both run the same per-element arithmetic (:func:`_int8_tile` for Q and K in both; :func:`_fp8_t_tile` and
-its packed twin :func:`_fp8_t_tile_packed` for V), so with equal statistics their outputs are bit for bit
-equal; the statistics themselves differ only in the order of fp32 sums (and the last rounding of a mean:
-torch on CUDA multiplies by 1/n, the kernel divides).
+Both run the same per-tile code (:func:`_int8_tile` for Q and K, :func:`_fp8_t_tile` for V, in both), so
+with equal statistics their outputs are bit for bit equal; the statistics themselves differ only in the
+order of fp32 sums (and the last rounding of a mean: torch on CUDA multiplies by 1/n, the kernel divides).
 """
 
 from __future__ import annotations
@@ -130,52 +132,6 @@ def _fp8_t_tile(
     x = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
     out_ptrs = OUT + (bh * BLOCK_D + offs_d[None, :]) * S_PAD + offs_s[:, None]
     tl.store(out_ptrs, x.to(tl.float8e4nv), mask=row_ok[:, None])
-
-
-@triton.jit
-def _fp8_t_tile_packed(
-    X, MEAN, INV, OUT32, IDX,
-    stride_xb, stride_xh, stride_xs, stride_xd,
-    b, h, bh, stat_off, blk, S, S_PAD, D,
-    HAS_MEAN: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """:func:`_fp8_t_tile` with the transposition done in registers, four tokens at a time.
-
-    Tokens ``4w + j`` (j = 0..3) of the tile are loaded as four ``(BLOCK_S/4) × BLOCK_D`` tiles of the same
-    layout, so each thread holds four consecutive tokens of its channels; their FP8 bytes are packed into
-    one 32-bit word per (word, channel) (little-endian: token ``4w`` in the low byte) and stored into
-    ``OUT32``, the int32 view of ``(B, H, BLOCK_D, S_PAD)``. The transposing store then moves 4-byte words
-    instead of single bytes. Same arithmetic per element as :func:`_fp8_t_tile`; bytes of tokens past ``S``
-    inside the last word are written as zeros (those columns are never read).
-    """
-    W: tl.constexpr = BLOCK_S // 4
-    offs_w = tl.arange(0, W)
-    s_word = blk * BLOCK_S + 4 * offs_w  # first token of each word
-    offs_d = tl.arange(0, BLOCK_D)
-    col_ok = offs_d < D
-    inv = tl.load(INV + stat_off + offs_d, mask=col_ok, other=0.0)
-    if HAS_MEAN:
-        mean = tl.load(MEAN + stat_off + offs_d, mask=col_ok, other=0.0)
-    else:
-        mean = tl.zeros([BLOCK_D], dtype=tl.float32)
-    word = tl.zeros([W, BLOCK_D], dtype=tl.uint32)
-    for j in tl.static_range(4):
-        offs_s = s_word + j
-        row_ok = offs_s < S
-        if HAS_IDX:
-            src = tl.load(IDX + bh * S + offs_s, mask=row_ok, other=0)
-        else:
-            src = offs_s
-        ptrs = X + b * stride_xb + h * stride_xh + src[:, None] * stride_xs + offs_d[None, :] * stride_xd
-        x = tl.load(ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_MEAN:
-            x = x - mean[None, :]
-        x = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
-        x = tl.where(row_ok[:, None], x, 0.0)
-        byte = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.uint32)
-        word = word | (byte << (8 * j))
-    out_ptrs = OUT32 + (bh * BLOCK_D + offs_d[None, :]) * (S_PAD // 4) + (blk * W + offs_w)[:, None]
-    tl.store(out_ptrs, word.to(tl.int32, bitcast=True), mask=(s_word < S)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,18 +327,17 @@ def _quant_qkv_fused(
     HQ, HK, SQ, SKV, D, STAT_ROW, q_mult, lse_mult, K_ALLOC, V_PAD,
     Q_BLOCKS, KV_BLOCKS, V_BLOCKS, Q_PROGS, K_PROGS,
     HAS_LSE: tl.constexpr, HAS_QIDX: tl.constexpr, HAS_KVIDX: tl.constexpr, V_FP8: tl.constexpr,
-    SMOOTH_V: tl.constexpr, BLOCK_S: tl.constexpr, V_BLOCK_S: tl.constexpr, V_PACK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    SMOOTH_V: tl.constexpr, BLOCK_S: tl.constexpr, V_BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Q, K and (FP8) V in one launch: program ``pid`` of the 1-D grid quantizes one ``BLOCK_S × BLOCK_D`` tile.
 
     ``[0, Q_PROGS)``: Q row block ``pid % Q_BLOCKS`` of head ``pid // Q_BLOCKS`` (INT8, scales, LSE term);
     ``[Q_PROGS, Q_PROGS + K_PROGS)``: K likewise (smoothed by ``STATS[0]``); the rest (launched only for
-    FP8 V, ``V_FP8``): V row blocks of ``V_BLOCK_S`` rows (``V_BLOCKS`` per head), transposed FP8 (with
-    ``V_PACK`` four tokens a 32-bit word, :func:`_fp8_t_tile_packed`; ``V8`` is then the int32 view).
+    FP8 V, ``V_FP8``): V row blocks of ``V_BLOCK_S`` rows (``V_BLOCKS`` per head), transposed FP8 written
+    byte by byte into ``V8`` (:func:`_fp8_t_tile`).
     ``STATS`` is the ``(5, B, HK, BLOCK_D)`` buffer of :func:`_kv_stats_final` (``STAT_ROW`` =
-    ``B·HK·BLOCK_D`` elements a row). Q and K tiles are computed by the same code as the three-launch pass,
-    V tiles by the same arithmetic.
+    ``B·HK·BLOCK_D`` elements a row). Q, K and V tiles are computed by the same code as the three-launch
+    pass.
     """
     pid = tl.program_id(0)
     if pid < Q_PROGS:
@@ -406,18 +361,11 @@ def _quant_qkv_fused(
     elif V_FP8:
         p = pid - Q_PROGS - K_PROGS
         bh = p // V_BLOCKS
-        if V_PACK:  # V8 is the int32 view of the FP8 buffer
-            _fp8_t_tile_packed(
-                V, STATS + STAT_ROW, STATS + 4 * STAT_ROW, V8, KVIDX, stride_vb, stride_vh, stride_vs, stride_vd,
-                bh // HK, bh % HK, bh, bh * BLOCK_D, p - bh * V_BLOCKS, SKV, V_PAD, D,
-                SMOOTH_V, HAS_KVIDX, V_BLOCK_S, BLOCK_D,
-            )
-        else:
-            _fp8_t_tile(
-                V, STATS + STAT_ROW, STATS + 4 * STAT_ROW, V8, KVIDX, stride_vb, stride_vh, stride_vs, stride_vd,
-                bh // HK, bh % HK, bh, bh * BLOCK_D, p - bh * V_BLOCKS, SKV, V_PAD, D,
-                SMOOTH_V, HAS_KVIDX, V_BLOCK_S, BLOCK_D,
-            )
+        _fp8_t_tile(
+            V, STATS + STAT_ROW, STATS + 4 * STAT_ROW, V8, KVIDX, stride_vb, stride_vh, stride_vs, stride_vd,
+            bh // HK, bh % HK, bh, bh * BLOCK_D, p - bh * V_BLOCKS, SKV, V_PAD, D,
+            SMOOTH_V, HAS_KVIDX, V_BLOCK_S, BLOCK_D,
+        )
 
 
 def padded_head_dim(d: int) -> int:
@@ -429,9 +377,19 @@ def _rows_block(dp: int) -> int:
     return max(16, 8192 // dp)
 
 
+_FUSED_KEYS = ("BLOCK_S", "V_BLOCK_S", "num_warps", "stats")
+
+
 def _fused_config(dp: int, config: dict | None = None) -> dict:
-    """Launch parameters of the fused launch (see :func:`quantize_qkv_fused`); ``config`` overrides."""
-    cfg = dict(BLOCK_S=_rows_block(dp), V_BLOCK_S=_rows_block(dp), V_PACK=True, num_warps=4)
+    """Launch parameters of the fused launch (see :func:`quantize_qkv_fused`); ``config`` overrides.
+
+    V gets taller tiles than Q and K (128 rows at head dims 64 and 128): its transposing store writes
+    single bytes, and on an H100 at Wan2.1-1.3B's shape (d = 128) 128 rows took 0.42 ms, 64 rows 0.48 ms.
+    Unknown keys raise ValueError."""
+    cfg = dict(BLOCK_S=_rows_block(dp), V_BLOCK_S=min(128, max(16, 16384 // dp)), num_warps=4)
+    unknown = sorted(set(config or {}) - set(_FUSED_KEYS))
+    if unknown:
+        raise ValueError(f"quantize_qkv_fused: unknown config key(s) {unknown}; known: {list(_FUSED_KEYS)}")
     cfg.update(config or {})
     return cfg
 
@@ -597,7 +555,7 @@ def quantize_qkv(
     q_gather: torch.Tensor | None = None,
     kv_gather: torch.Tensor | None = None,
     kv_tail: int = 0,
-    fused: bool = False,
+    fused: bool = True,
 ) -> QuantizedQKV:
     """Quantization pass on the GPU (BHSD views, any strides). Same layout as the torch reference.
 
@@ -616,12 +574,10 @@ def quantize_qkv(
     keys after ``Skv`` (``k``/``k_scale`` become views of them, ``QuantizedQKV.kv_tail`` records it), so the
     block-sparse kernel can read whole KV tiles past any block start without masks.
 
-    ``fused=True``: statistics by the Triton statistics kernel and one launch for Q, K and FP8 V (see the
-    module docstring); ``fused=False`` (default): ``reference.kv_stats`` and three launches. Same layout;
-    the statistics may differ in the last bits (order of fp32 sums), so an INT8 code can differ by one at a
-    rounding tie. The fused pass is opt-in until it passes every GPU test: on an H200 (2026-11-23) its FP8 V
-    differed from the three-launch pass in the GQA + BSHD view + key-padding mask + smoothed-V case
-    (``tests/test_quantize_fused.py``), not yet explained; the other GPU cases were bit-equal.
+    ``fused=True`` (default): statistics by the Triton statistics kernel and one launch for Q, K and FP8 V
+    (see the module docstring); ``fused=False``: ``reference.kv_stats`` and three launches. Same layout; the
+    statistics may differ in the last bits (order of fp32 sums), so an INT8 code can differ by one at a
+    rounding tie. Both pass every GPU test of ``tests/test_quantize_fused.py`` (H100, 2026-11-24).
     """
     if fused:
         return quantize_qkv_fused(
@@ -692,9 +648,9 @@ def quantize_qkv_fused(
 
     ``v_mean`` and ``v_scale`` of the result are views of the statistics buffer (contiguous ``(B, Hk, Dp)``,
     zeros past D). ``config`` overrides the launch parameters of the fused launch (``BLOCK_S``: Q/K rows a
-    program, ``V_BLOCK_S``: V rows a program (a power of two, at least 16), ``V_PACK``: transpose FP8 V four tokens a
-    32-bit word, ``num_warps``) and, under the key ``"stats"``, of the
-    statistics kernel (for benchmarks; the results do not depend on them, except the statistics' last bits)."""
+    program, ``V_BLOCK_S``: V rows a program (a power of two, at least 16), ``num_warps``) and, under the
+    key ``"stats"``, of the statistics kernel (for benchmarks; the results do not depend on them, except
+    the statistics' last bits). Any other key raises ValueError."""
     b, hq, sq, d = q.shape
     hk, skv = k.shape[1], k.shape[2]
     dp = padded_head_dim(d)
@@ -722,13 +678,13 @@ def quantize_qkv_fused(
     if n_progs:
         _quant_qkv_fused[(n_progs,)](
             q, k, v, stats, q8, qs, lse_off, k8, ks,
-            (v8.view(torch.int32) if cfg["V_PACK"] else v8) if fp8 else qs,
+            v8 if fp8 else qs,
             q_idx if q_idx is not None else qs, kv_idx if kv_idx is not None else qs,
             *q.stride(), *k.stride(), *v.stride(),
             hq, hk, sq, skv, d, b * hk * dp, scale * LOG2E, scale, skv + tail, v8.shape[3] if fp8 else 16,
             q_blocks, kv_blocks, v_blocks, q_progs, k_progs,
             HAS_LSE=need_lse, HAS_QIDX=q_idx is not None, HAS_KVIDX=kv_idx is not None, V_FP8=fp8,
-            SMOOTH_V=bool(smooth_v), BLOCK_S=bs, V_BLOCK_S=vbs, V_PACK=bool(cfg["V_PACK"]), BLOCK_D=dp,
+            SMOOTH_V=bool(smooth_v), BLOCK_S=bs, V_BLOCK_S=vbs, BLOCK_D=dp,
             num_warps=cfg["num_warps"],
         )
     vm = stats[_V_MEAN] if smooth_v else None

@@ -363,10 +363,10 @@ def test_fused_gathers_and_zeroed_tail(precision, smooth_v):
 
 @pytest.mark.parametrize("precision", ["int8-fp8", "int8-fp16"])
 def test_launch_parameters_do_not_change_results(precision):
-    """Other tile heights for Q/K and for V, other warp counts, V transposed byte by byte instead of four
-    tokens a word: the same bits (the tiles are per-row / per-column arithmetic), except the LSE term, a
-    sum over channels whose order may follow the warp layout on the GPU (fp32 rounding); other statistics
-    tiles and splits: statistics equal to fp32 rounding."""
+    """Other tile heights for Q/K and for V (down to 16 rows, up to more rows than the sequence), other warp
+    counts: the same bits (the tiles are per-row / per-column arithmetic), except the LSE term, a sum over
+    channels whose order may follow the warp layout on the GPU (fp32 rounding); other statistics tiles and
+    splits: statistics equal to fp32 rounding. Unknown launch parameters are refused."""
     b, hq, hk, sq, skv, d = 2, 4, 2, 37, 50, 40
     q, k, v = _inputs(b, hq, hk, sq, skv, d, dtype=torch.float16, seed=6)
     mask = _mask(b, skv, 8)
@@ -374,10 +374,12 @@ def test_launch_parameters_do_not_change_results(precision):
     st = quantize.kv_stats_buffer(k, v, mask, smooth_v=True, need_v_amax=precision == "int8-fp8")
     base = quantize.quantize_qkv_fused(q, k, v, **kw, stats=st.clone())
     for cfg in (dict(BLOCK_S=16, V_BLOCK_S=32, num_warps=8), dict(BLOCK_S=32, V_BLOCK_S=16, num_warps=2),
-                dict(V_BLOCK_S=16, V_PACK=False)):
+                dict(V_BLOCK_S=16), dict(BLOCK_S=64, V_BLOCK_S=64, num_warps=1)):
         got = quantize.quantize_qkv_fused(q, k, v, **kw, stats=st.clone(), config=cfg)
         _assert_bit_equal(got, base, d, skv, fields=[f for f in FIELDS if f != "lse_offset"])
         torch.testing.assert_close(got.lse_offset, base.lse_offset, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="V_BLOCK_S"):
+        quantize.quantize_qkv_fused(q, k, v, **kw, stats=st.clone(), config=dict(V_PACK=False))
     other = quantize.kv_stats_buffer(k, v, mask, smooth_v=True, need_v_amax=precision == "int8-fp8",
                                      config=dict(BLOCK_S=32, TILES=1))
     rows = 3 if precision == "int8-fp8" else 2  # k mean, v mean (and v amax)
