@@ -579,6 +579,31 @@ def test_decoder_finetune_keeps_the_latent_space(tmp_path):
     assert all(torch.equal(ta[k], tb[k]) for k in ta)  # the transformer stage was finished: untouched
 
 
+
+def test_more_decoder_minutes_extend_a_finished_decoder_finetune(tmp_path):
+    """``--more-vae-decoder-minutes`` on a run whose decoder fine-tune has finished trains the decoder further
+    (a learning-rate re-warmup from the step it had reached, recorded in the state) and changes nothing but the
+    decoder; asked of a run whose fine-tune never ran, it stops with a message instead of starting one."""
+    from safetensors.torch import load_file
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    _train("--out", first, *SMOKE, "--vae-decoder-steps", "2")
+    _train("--resume", first, "--out", second, *SMOKE, "--more-vae-decoder-minutes", "0.03")
+    state_b = json.loads((second / "state.json").read_text())["vae_decoder"]
+    assert state_b["done"] and state_b["step"] > 2 and state_b["warmup_from"] == 2
+    assert state_b["extensions"] == [{"from_step": 2, "minutes": 0.03}]
+    a = load_file(str(first / "vae_text_encoder.safetensors"))
+    b = load_file(str(second / "vae_text_encoder.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith(("vae.decoder.", "vae.post_quant_conv.")) for k in changed)
+    ta = load_file(str(first / "transformer.safetensors"))
+    tb = load_file(str(second / "transformer.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    _train("--out", tmp_path / "c", *SMOKE)  # no decoder fine-tune
+    with pytest.raises(SystemExit, match="--vae-decoder-minutes"):
+        _train("--resume", tmp_path / "c", "--out", tmp_path / "d", *SMOKE, "--more-vae-decoder-minutes", "0.03")
+
+
 def test_latent_reuse_given_on_resume_takes_effect(tmp_path):
     """``--latent-reuse`` on a call that extends a finished transformer stage applies from that call's first
     step (the 2026-11-23 job 3 asked for 8 and silently kept the 3 of the previous call)."""
@@ -612,3 +637,21 @@ def test_dit_shift_given_on_resume_applies_from_that_step(tmp_path):
     assert bool((hi >= lo).all()) and float(hi.mean()) > float(lo.mean()) + 0.05
     with pytest.raises(SystemExit):
         _train("--out", tmp_path / "c", *SMOKE, "--dit-shift", "0")
+
+
+def test_prefetching_the_data_in_a_worker_thread_changes_nothing(tmp_path):
+    """``--prefetch on`` (the next latent batch rendered and encoded in a worker thread while the current one
+    trains; on by default on CUDA) gives the same weights and optimizer moments as producing each batch inline,
+    with a latent reuse of 1 so that every step switches batch and the worker always runs ahead."""
+    args = [*SMOKE, "--checkpoint-dtype", "float32", "--latent-reuse", "1", "--dit-steps", "5"]
+    _train("--out", tmp_path / "off", *args, "--prefetch", "off")
+    _train("--out", tmp_path / "on", *args, "--prefetch", "on")
+    off, on = _tensors(tmp_path / "off"), _tensors(tmp_path / "on")
+    for name, tensors in off.items():
+        assert tensors.keys() == on[name].keys() and tensors, name
+        for key, value in tensors.items():
+            assert torch.equal(value, on[name][key]), (name, key)
+    log = (tmp_path / "on" / "train_log.txt").read_text()
+    assert "[dit] data: 5 batches" in log and "(prefetch on)" in log
+    state = json.loads((tmp_path / "on" / "state.json").read_text())
+    assert state["dit"]["step"] == 5 and state["dit"]["reuse_schedule"] == [[0, 1, 0]]

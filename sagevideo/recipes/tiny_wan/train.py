@@ -24,7 +24,9 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
    size) and 128 of 17x128x128 (the size the CPU tests use), half each; the blocks run under
    ``torch.compile`` (``--compile``). Each batch of VAE latents serves 1-8 steps with fresh noise (picked
    after calibration from the measured cost of render + encode against a transformer step, or fixed with
-   ``--latent-reuse``), because encoding a batch costs several transformer steps. The conditioning is the
+   ``--latent-reuse``), because encoding a batch costs several transformer steps; the next batch is
+   rendered and encoded in a worker thread on its own CUDA stream while the current one trains
+   (``--prefetch``, :class:`Prefetcher`). The conditioning is the
    pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
    (:func:`model.encode_prompts_compact` + :class:`model.compact_cross_attention`, checked against the
    512-position form by ``tests/test_tiny_wan_recipe.py``), so short clips do not pay for 500 padding
@@ -39,7 +41,8 @@ plans its step count from its measured speed so that its cool-down ends inside t
 the cool-down starts, and counts as finished if the budget runs out anyway (``stopped_by_budget``), so one
 call always yields a complete model. ``--vae-steps``/``--dit-steps``/``--latent-reuse`` fix the plan
 instead. ``--more-dit-minutes M`` (or ``--more-dit-steps N``) with ``--resume`` of a finished run trains
-the text encoder + transformer further: a learning-rate re-warmup, then a new cool-down.
+the text encoder + transformer further: a learning-rate re-warmup, then a new cool-down. ``--more-vae-decoder-minutes M``
+likewise extends a finished decoder fine-tune (the encoder, hence the latent space, stays fixed).
 
 Determinism. Given the seed and the plan (step counts and latent-reuse choices, recorded in
 ``state.json``), the data stream (scene descriptions and captions, crops, caption dropout, bucket choice,
@@ -109,6 +112,15 @@ levels shifted up to the sampler's shift (``--dit-shift 3``, which job 5 keeps):
 Colour words are followed after job 1; direction words last, one axis at a time (after job 3, ~5,100
 transformer steps: only "left"; after job 4, ~8,800: left and right; after job 5, ~12,700: all four).
 
+A shorter variant (2026-11-24, not the shipped model; ``benchmarks/RESULTS.md``, seventh session): three
+jobs, 26 minutes in all, with the data prefetched and a latent reuse of 16 (80-87 ms a transformer step
+against 93-118): job 1 as above with ``--vae-minutes 3.5 --vae-decoder-minutes 1.0 --dit-minutes 9
+--latent-reuse 16 --no-eval --total-minutes 9.5``, job 2 ``--more-dit-minutes 9 --latent-reuse 16 --dit-shift 3
+--total-minutes 9.5``, job 3 ``--more-vae-decoder-minutes 1.5 --more-dit-minutes 9 --latent-reuse 16
+--total-minutes 9.3``. It reached colour and direction 8/8 at 17x128x128 after 11,240 transformer steps, but
+its VAE came out 1.7 dB worse than the same VAE budget gave the day before (colour casts at 33x256x256), and
+its shape words fell one ordering short of the test's 24 of 26.
+
 Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN5 --to assets/tiny-wan``
 (RUN5: job 5's files). Any finished job's files assemble into a complete, shorter-trained model. To train
 the shipped model further, ``python -m sagevideo.recipes.tiny_wan.assemble --unpack --from assets/tiny-wan
@@ -128,6 +140,7 @@ import platform
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -215,6 +228,77 @@ FILES = ("transformer.safetensors", "vae_text_encoder.safetensors", "optim_m.saf
 # ----------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------
+
+
+class Prefetcher:
+    """Produces data batch ``d + 1`` in a worker thread while the caller trains on batch ``d``.
+
+    ``produce(d)`` returns a tuple whose tensors are the batch. On CUDA the worker runs on its own stream, so
+    the renderer's host-to-device copies (each one synchronises its stream) and the VAE encode queue beside the
+    transformer's kernels instead of draining them; the caller's stream waits on an event recorded after the
+    batch and the tensors are marked as used there (``record_stream``) so the allocator does not hand their
+    memory to the worker early. The values are the ones ``produce(d)`` computes inline: the data stream is a
+    function of ``(seed, stream, step)`` only. Disabled, ``get`` simply calls ``produce``.
+
+    ``stall_s`` counts the caller's time spent waiting for a batch; ``produce_s`` the worker's time producing
+    the batches handed out (its stream synchronised, so the GPU work is included).
+    """
+
+    def __init__(self, produce, device: torch.device, enabled: bool):
+        self.produce, self.device, self.enabled = produce, device, enabled
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if enabled else None
+        self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
+        self.pending = None  # (index, future) of the batch being produced ahead
+        self.stall_s = self.produce_s = 0.0
+
+    def _work(self, index: int):
+        t = time.time()
+        if self.stream is None:
+            out = self.produce(index)
+            return out, None, time.time() - t
+        with torch.cuda.stream(self.stream):
+            out = self.produce(index)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        self.stream.synchronize()
+        return out, event, time.time() - t
+
+    def get(self, index: int):
+        if not self.enabled:
+            t = time.time()
+            out = self.produce(index)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stall_s += time.time() - t
+            self.produce_s += time.time() - t
+            return out
+        if self.pending is not None and self.pending[0] == index:
+            future = self.pending[1]
+        else:  # first call, or a jump in the data index: what was produced ahead is not used
+            self._drain()
+            future = self.pool.submit(self._work, index)
+        t = time.time()
+        out, event, seconds = future.result()
+        self.stall_s += time.time() - t
+        self.produce_s += seconds
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for x in out:
+                if isinstance(x, torch.Tensor):
+                    x.record_stream(current)
+        self.pending = (index + 1, self.pool.submit(self._work, index + 1))
+        return out
+
+    def _drain(self) -> None:
+        if self.pending is not None:
+            self.pending[1].result()  # let the worker finish before anything else uses the VAE
+            self.pending = None
+
+    def close(self) -> None:
+        self._drain()
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -670,6 +754,19 @@ class Trainer:
     def train_vae_decoder(self) -> None:
         st = self.state["vae_decoder"]
         minutes, steps = self.args.vae_decoder_minutes, self.args.vae_decoder_steps
+        if self.args.more_vae_decoder_minutes:
+            if not st["done"]:
+                raise SystemExit("--more-vae-decoder-minutes extends a finished decoder fine-tune; this one is "
+                                 "unfinished or never ran: use --vae-decoder-minutes")
+            # a second schedule on top of the finished one: LR re-warmup from here, then a new cool-down
+            minutes, steps = self.args.more_vae_decoder_minutes, None
+            st["warmup_from"] = st["step"]
+            st["done"] = False
+            st["total_steps"] = st["cooldown_start"] = None
+            st["plan_fixed"] = False
+            st.pop("calibrated_seconds_per_step", None)
+            st.setdefault("extensions", []).append({"from_step": st["step"], "minutes": minutes})
+            self.log(f"[vae-decoder] extending the decoder fine-tune by {minutes} min")
         if not (minutes or steps) or st["done"] or not self.state["vae"]["done"]:
             return
         c = self.cfg
@@ -769,23 +866,23 @@ class Trainer:
     def _shift_at(self, step: int) -> float:
         return next(shift for s0, shift in reversed(self._shift_schedule()) if step >= s0)
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _adapt_reuse(self, arg, window_steps: int | None = None):
-        """Calibration hook: time the data path (render + VAE encode) and pick the latent reuse (1-6) that
-        keeps it under half the transformer step, unless --latent-reuse fixed it."""
+        """Calibration hook: time the data path (render + VAE encode) and pick the latent reuse (1-8) whose
+        share of a batch's production per step stays under half the transformer step, unless
+        --latent-reuse fixed it. The transformer step is the measured step less the time the loop waited for
+        data (all of the data time without --prefetch, only the stalls with it)."""
+        pf = self._prefetch
         if arg == "start":
-            self._data_times = []
+            self._data_mark = (pf.stall_s, pf.produce_s, len(self._data_seen))
             return None
         per_step = arg
-        self._data_times, times = None, self._data_times or []
-        if self.args.latent_reuse is not None or not times:
+        stall0, produce0, seen0 = self._data_mark
+        batches = len(self._data_seen) - seen0
+        if self.args.latent_reuse is not None or batches == 0:
             return per_step
         sched = self._reuse_schedule()
-        t_data = sum(times) / len(times)
-        t_train = max(1e-4, per_step - sum(times) / max(1, window_steps))
+        t_data = (pf.produce_s - produce0) / batches
+        t_train = max(1e-4, per_step - (pf.stall_s - stall0) / max(1, window_steps))
         reuse = next((r for r in range(1, MAX_LATENT_REUSE + 1) if t_data / r <= 0.5 * t_train), MAX_LATENT_REUSE)
         step = self.state["dit"]["step"]
         self.state["dit"]["measured_ms"] = {"data_per_batch": round(t_data * 1000, 1),
@@ -793,21 +890,15 @@ class Trainer:
         if reuse != sched[-1][1]:
             sched.append([step, reuse, self._data_index(step - 1) + 1])
         self.log(f"[dit] data {t_data * 1000:.0f} ms/batch, train {t_train * 1000:.0f} ms/step -> latent reuse {reuse}")
-        return t_train + t_data / reuse
+        return t_train + (0.0 if pf.enabled else t_data / reuse)
 
     def dit_step(self, step: int) -> torch.Tensor:
         c = self.cfg
         data_step = self._data_index(step)
-        if getattr(self, "_cached_step", None) != data_step:
-            timing = getattr(self, "_data_times", None) is not None
-            if timing:
-                self._sync()
-                t = time.time()
-            self._cached = self._latent_batch(data_step)
+        if self._cached_step != data_step:
+            self._cached = self._prefetch.get(data_step)
             self._cached_step = data_step
-            if timing:
-                self._sync()
-                self._data_times.append(time.time() - t)
+            self._data_seen.append(data_step)
         latents, captions, weight = self._cached
         rng = D.stream_rng(self.args.seed, "dit-drop", step)
         captions = ["" if rng.random() < c["caption_dropout"] else cap for cap in captions]
@@ -825,6 +916,12 @@ class Trainer:
         # velocity MSE with the latent cells that hold an object weighted up (the per-cell optimum is still
         # the conditional mean velocity, so the sampler's contract is unchanged)
         return ((pred.float() - target).pow(2) * weight).mean() / weight.mean()
+
+    def _final_reserve_s(self) -> float:
+        """Seconds the transformer stage leaves before ``--total-minutes`` for what follows it: the held-out
+        evaluation and the last save, or only the save with ``--no-eval``."""
+        reserve = FINAL_RESERVE_S[self.args.preset]
+        return min(10.0, reserve) if self.args.no_eval else reserve
 
     def _compile_blocks(self) -> list:
         """``torch.compile`` the transformer blocks in place for training (CUDA; ``--compile``). Measured on an
@@ -890,16 +987,23 @@ class Trainer:
                  f"latent reuse {self._reuse_schedule()[-1][1]}, noise-level shift {self._shift_schedule()[-1][1]:g}, "
                  f"budget {minutes} min")
         compiled = self._compile_blocks()
+        prefetch = self.args.prefetch == "on" or (self.args.prefetch == "auto" and self.device.type == "cuda")
+        self._prefetch = Prefetcher(self._latent_batch, self.device, prefetch)
+        self._cached, self._cached_step, self._data_seen = None, None, []
         try:
             with M.compact_cross_attention(self.transformer) as self._set_bias:
                 opt, named = self._run_stage(
                     "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
                     c["dit_warmup"], 0.01, minutes, None if st.get("extensions") else self.args.dit_steps,
                     c["calib_dit"], self.dit_step,
-                    reserve_s=FINAL_RESERVE_S[self.args.preset], on_calibrated=self._adapt_reuse)
+                    reserve_s=self._final_reserve_s(), on_calibrated=self._adapt_reuse)
         finally:
+            self._prefetch.close()
             for blk in compiled:  # the evaluation and the saved model run the plain modules
                 blk._compiled_call_impl = None
+        pf, n = self._prefetch, max(1, len(self._data_seen))
+        self.log(f"[dit] data: {len(self._data_seen)} batches, {pf.produce_s / n * 1000:.0f} ms each to produce, "
+                 f"the training loop waited {pf.stall_s:.1f}s for them in all (prefetch {'on' if pf.enabled else 'off'})")
         self._cached, self._cached_step = None, None
         self.save(opt, named, "dit")
 
@@ -983,6 +1087,10 @@ def parse_args(argv=None):
                         "generation sizes (the encoder and the latent space stay fixed, so a trained transformer "
                         "stays valid); runs before any transformer training of the same call")
     p.add_argument("--vae-decoder-steps", type=int, default=None, help="fix the decoder fine-tune's length")
+    p.add_argument("--more-vae-decoder-minutes", type=float, default=None,
+                   help="with --resume of a run whose decoder fine-tune has finished: fine-tune the decoder about M "
+                        "more minutes (LR re-warmup, then a new cool-down); the encoder and the latent space stay "
+                        "fixed, so the trained transformer stays valid")
     p.add_argument("--latent-reuse", type=int, default=None, help="steps per encoded latent batch (default: preset)")
     p.add_argument("--dit-shift", type=float, default=None,
                    help="flow shift of the transformer's training noise levels from this call's first step on "
@@ -1004,6 +1112,10 @@ def parse_args(argv=None):
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the transformer blocks while training them (auto: on CUDA, if the preset "
                         "says so)")
+    p.add_argument("--prefetch", choices=("auto", "on", "off"), default="auto",
+                   help="produce the next latent batch (render + VAE encode) in a worker thread, on its own CUDA "
+                        "stream, while the transformer trains on the current one (auto: on CUDA); the batches "
+                        "are the same either way")
     p.add_argument("--export", default=None, help="also write the assembled pipeline folder here")
     args = p.parse_args(argv)
     if args.dit_shift is not None and not args.dit_shift > 0:
