@@ -655,3 +655,34 @@ def test_prefetching_the_data_in_a_worker_thread_changes_nothing(tmp_path):
     assert "[dit] data: 5 batches" in log and "(prefetch on)" in log
     state = json.loads((tmp_path / "on" / "state.json").read_text())
     assert state["dit"]["step"] == 5 and state["dit"]["reuse_schedule"] == [[0, 1, 0]]
+
+
+def test_prefetcher_hands_out_what_produce_returns_and_reraises_its_errors():
+    """:class:`train.Prefetcher` returns ``produce(d)`` for the index asked (also after a jump, discarding the
+    batch made ahead), has the next index produced ahead, and raises a worker's error in the caller; closing
+    waits for the worker without raising the error of a batch nobody asked for."""
+    import threading
+
+    from sagevideo.recipes.tiny_wan.train import Prefetcher
+
+    calls = []
+
+    def produce(d):
+        calls.append((d, threading.current_thread().name))
+        if d == 7:
+            raise RuntimeError("bad batch 7")
+        return (torch.full((2,), float(d)), f"captions {d}")
+
+    pf = Prefetcher(produce, torch.device("cpu"), enabled=True)
+    for d in (0, 1, 2, 5, 6):
+        x, cap = pf.get(d)
+        assert torch.equal(x, torch.full((2,), float(d))) and cap == f"captions {d}"
+    with pytest.raises(RuntimeError, match="bad batch 7"):
+        pf.get(7)  # 7 was produced ahead, in the worker
+    pf.get(9)  # a jump: the failed 7 is dropped, 9 produced on demand
+    pf.close()  # 10 is produced ahead and discarded
+    produced = [d for d, _ in calls]
+    assert produced == [0, 1, 2, 3, 5, 6, 7, 9, 10]  # 3 made ahead and dropped at the jump to 5; no 4 or 8
+    assert all(name.startswith("prefetch") for _, name in calls)  # all of it in the worker thread
+    off = Prefetcher(produce, torch.device("cpu"), enabled=False)
+    assert off.get(4)[1] == "captions 4" and calls[-1] == (4, threading.current_thread().name)

@@ -292,7 +292,9 @@ class Prefetcher:
 
     def _drain(self) -> None:
         if self.pending is not None:
-            self.pending[1].result()  # let the worker finish before anything else uses the VAE
+            # let the worker finish before anything else uses the VAE; the batch is not used, so neither is an
+            # error it raised (which must not mask the error the training loop may be unwinding with)
+            self.pending[1].exception()
             self.pending = None
 
     def close(self) -> None:
