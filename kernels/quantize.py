@@ -115,7 +115,9 @@ def _fp8_t_tile(
 ):
     """Rows ``blk·BLOCK_S …`` of V head ``(b, h)`` → FP8 e4m3 with per-channel scales (``INV`` = 448 / amax
     and, with ``HAS_MEAN``, ``MEAN``, both read at ``stat_off + d``), written transposed into
-    ``(B, H, BLOCK_D, S_PAD)``. With ``HAS_IDX`` output column ``s`` is input row ``IDX[b, h, s]``."""
+    ``(B, H, BLOCK_D, S_PAD)``. With ``HAS_IDX`` output column ``s`` is input row ``IDX[b, h, s]``. Columns
+    from ``S`` up to ``S_PAD`` that the tile covers are written as zeros, so no uninitialised byte (an FP8 NaN
+    is possible) is left in the padding of a buffer made with ``torch.empty``."""
     offs_s = blk * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_s < S
@@ -130,8 +132,9 @@ def _fp8_t_tile(
         x = x - tl.load(MEAN + stat_off + offs_d, mask=col_ok, other=0.0)[None, :]
     inv = tl.load(INV + stat_off + offs_d, mask=col_ok, other=0.0)
     x = tl.minimum(tl.maximum(x * inv[None, :], -448.0), 448.0)
+    x = tl.where(row_ok[:, None], x, 0.0)
     out_ptrs = OUT + (bh * BLOCK_D + offs_d[None, :]) * S_PAD + offs_s[:, None]
-    tl.store(out_ptrs, x.to(tl.float8e4nv), mask=row_ok[:, None])
+    tl.store(out_ptrs, x.to(tl.float8e4nv), mask=(offs_s < S_PAD)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------

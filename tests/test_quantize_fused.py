@@ -173,10 +173,12 @@ def _assert_close_fields(got, want, d, skv, q_in, k_in, v_in, scale, fp8_interp=
 
 
 def _assert_padding_zero(qkv, d, skv):
-    """Channels past D are written as zeros (and V's scale and mean are zero there)."""
+    """Channels past D are written as zeros (and V's scale and mean are zero there), and so are Vᵀ's columns
+    past S_kv up to its 16-aligned pitch (``torch.empty`` memory otherwise: an FP8 NaN is possible there)."""
     assert (qkv.q[..., d:] == 0).all() and (qkv.k[..., d:] == 0).all()
     if qkv.precision == "int8-fp8":
         assert (qkv.v[:, :, d:, :skv].float() == 0).all()
+        assert (qkv.v[..., skv:].view(torch.uint8) == 0).all()
         assert (qkv.v_scale[..., d:] == 0).all()
     if qkv.v_mean is not None:
         assert (qkv.v_mean[..., d:] == 0).all()
@@ -385,6 +387,26 @@ def test_launch_parameters_do_not_change_results(precision):
     rows = 3 if precision == "int8-fp8" else 2  # k mean, v mean (and v amax)
     for r, x in zip(range(rows), (k, v, v)):
         torch.testing.assert_close(other[r], st[r], **_stat_tol(x))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_v_padding_is_written_even_over_nan_memory(monkeypatch, fused):
+    """Vᵀ's pitch is rounded up to 16 columns; both passes write zeros there, so memory left from earlier use
+    (here: filled with 0x7F, an FP8 NaN) never shows through."""
+    real = quantize._v_fp8_buffer
+
+    def dirty(*args):
+        buf = real(*args)
+        buf.view(torch.uint8).fill_(0x7F)
+        return buf
+
+    monkeypatch.setattr(quantize, "_v_fp8_buffer", dirty)
+    b, hq, hk, s, d = 1, 2, 2, 50, 40  # 50 keys: a pitch of 64 columns, 14 of them padding
+    q, k, v = _inputs(b, hq, hk, s, s, d)
+    qkv = quantize.quantize_qkv(q, k, v, precision="int8-fp8", smooth_v=True, fused=fused)
+    assert qkv.v.shape[-1] == 64
+    assert (qkv.v[..., s:].view(torch.uint8) == 0).all()
+    assert not torch.isnan(qkv.v.float()).any()
 
 
 def test_bad_arguments():
