@@ -240,8 +240,8 @@ class Prefetcher:
     memory to the worker early. The values are the ones ``produce(d)`` computes inline: the data stream is a
     function of ``(seed, stream, step)`` only. Disabled, ``get`` simply calls ``produce``.
 
-    ``stall_s`` counts the caller's time spent waiting for a batch; ``produce_s`` the worker's time producing
-    the batches handed out (its stream synchronised, so the GPU work is included).
+    ``batches`` counts the batches handed out, ``stall_s`` the caller's time spent waiting for them,
+    ``produce_s`` the time producing them (the worker's stream synchronised, so the GPU work is included).
     """
 
     def __init__(self, produce, device: torch.device, enabled: bool):
@@ -250,6 +250,7 @@ class Prefetcher:
         self.stream = torch.cuda.Stream(device) if enabled and device.type == "cuda" else None
         self.pending = None  # (index, future) of the batch being produced ahead
         self.stall_s = self.produce_s = 0.0
+        self.batches = 0
 
     def _work(self, index: int):
         t = time.time()
@@ -264,6 +265,7 @@ class Prefetcher:
         return out, event, time.time() - t
 
     def get(self, index: int):
+        self.batches += 1
         if not self.enabled:
             t = time.time()
             out = self.produce(index)
@@ -875,11 +877,11 @@ class Trainer:
         data (all of the data time without --prefetch, only the stalls with it)."""
         pf = self._prefetch
         if arg == "start":
-            self._data_mark = (pf.stall_s, pf.produce_s, len(self._data_seen))
+            self._data_mark = (pf.stall_s, pf.produce_s, pf.batches)
             return None
         per_step = arg
         stall0, produce0, seen0 = self._data_mark
-        batches = len(self._data_seen) - seen0
+        batches = pf.batches - seen0
         if self.args.latent_reuse is not None or batches == 0:
             return per_step
         sched = self._reuse_schedule()
@@ -900,7 +902,6 @@ class Trainer:
         if self._cached_step != data_step:
             self._cached = self._prefetch.get(data_step)
             self._cached_step = data_step
-            self._data_seen.append(data_step)
         latents, captions, weight = self._cached
         rng = D.stream_rng(self.args.seed, "dit-drop", step)
         captions = ["" if rng.random() < c["caption_dropout"] else cap for cap in captions]
@@ -991,7 +992,7 @@ class Trainer:
         compiled = self._compile_blocks()
         prefetch = self.args.prefetch == "on" or (self.args.prefetch == "auto" and self.device.type == "cuda")
         self._prefetch = Prefetcher(self._latent_batch, self.device, prefetch)
-        self._cached, self._cached_step, self._data_seen = None, None, []
+        self._cached, self._cached_step = None, None
         try:
             with M.compact_cross_attention(self.transformer) as self._set_bias:
                 opt, named = self._run_stage(
@@ -1003,8 +1004,8 @@ class Trainer:
             self._prefetch.close()
             for blk in compiled:  # the evaluation and the saved model run the plain modules
                 blk._compiled_call_impl = None
-        pf, n = self._prefetch, max(1, len(self._data_seen))
-        self.log(f"[dit] data: {len(self._data_seen)} batches, {pf.produce_s / n * 1000:.0f} ms each to produce, "
+        pf = self._prefetch
+        self.log(f"[dit] data: {pf.batches} batches, {pf.produce_s / max(1, pf.batches) * 1000:.0f} ms each to produce, "
                  f"the training loop waited {pf.stall_s:.1f}s for them in all (prefetch {'on' if pf.enabled else 'off'})")
         self._cached, self._cached_step = None, None
         self.save(opt, named, "dit")
