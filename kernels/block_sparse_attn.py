@@ -5,7 +5,8 @@ of the (permuted) sequence; the program walks the ``kv_count`` KV blocks listed 
 each ``k_len`` keys starting at ``k_start`` (cut into tiles of ``BLOCK_N``; rows and keys past a block's
 length are masked), so the work scales with the kept blocks and blocks may have any length up to the tile:
 the layout a token permutation into clusters of unequal size produces (each cluster cut into chunks of at
-most ``block_m``/``block_n`` tokens). The block lists follow Sparse VideoGen / Sparse VideoGen2 (Xi et al.
+most ``block_m``/``block_n`` tokens). Quantized KV blocks that do not start at multiples of 16 keys are read
+through a 16-key-aligned window one tile wide (``KV_WINDOW``, :func:`kv_tile`), which keeps the loads wide. The block lists follow Sparse VideoGen / Sparse VideoGen2 (Xi et al.
 2025; Yang et al. 2025), the quantized arithmetic SageAttention2 (Zhang et al. 2024) exactly as
 ``kernels/quant_attn.py`` does it:
 
@@ -142,7 +143,7 @@ def _block_sparse_fwd(
     SINGLE_TILE: tl.constexpr, SPLIT_M: tl.constexpr, MODE: tl.constexpr, DOT_IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr, PERM_Q: tl.constexpr, PERM_KV: tl.constexpr,
     SMOOTH_V: tl.constexpr, RETURN_LSE: tl.constexpr, HAS_LSE_OFF: tl.constexpr,
-    KV_UNMASKED: tl.constexpr, KV_ALIGN16: tl.constexpr,
+    KV_UNMASKED: tl.constexpr, KV_ALIGN16: tl.constexpr, KV_WINDOW: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     bh = tl.program_id(1)
@@ -190,7 +191,19 @@ def _block_sparse_fwd(
         if KV_ALIGN16:  # every KV block starts at a multiple of 16 keys (checked on the host)
             k0 = tl.multiple_of(k0, 16)
         k_len = tl.load(K_LEN + bh * NK + blk_k)
-        if SINGLE_TILE:
+        if KV_WINDOW:
+            # unaligned blocks: read the BLOCK_N keys from the multiple of 16 at or below the block start (a
+            # tile the host sized to hold any block from there) and mask the keys outside the block, so the
+            # loads stay 16 bytes wide; the keys read before the block get exactly zero weight
+            k0a = tl.multiple_of((k0 // 16) * 16, 16)
+            cols = k0a + offs_n
+            acc, l_i, m_i = _sparse_tile(
+                acc, l_i, m_i, q, qs, cols, (cols >= k0) & (cols < k0 + k_len), b, bh,
+                K, KS, V, MASK, KIDX,
+                k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
+                Skv, ks_stride, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N, KV_UNMASKED,
+            )
+        elif SINGLE_TILE:
             acc, l_i, m_i = _sparse_tile(
                 acc, l_i, m_i, q, qs, k0 + offs_n, offs_n < k_len, b, bh,
                 K, KS, V, MASK, KIDX,
@@ -247,6 +260,24 @@ def tile_sizes(block_m: int, block_n: int) -> tuple[int, int]:
     return bm, bn
 
 
+def kv_tile(block_n: int, kv_aligned: bool, quantized: bool = True) -> tuple[int, bool]:
+    """``(BLOCK_N, window)``: the KV tile the kernel walks a layout's KV blocks with, and whether it reads them
+    through an aligned window.
+
+    Quantized operands are read 16 bytes at a time only from 16-key-aligned starts (FP8 Vᵀ is contiguous
+    along the keys). When the blocks are not known to be aligned and the natural tile (:func:`tile_sizes`)
+    has room for ``block_n + 15`` keys (``block_n`` 48, 96-112, ...), each block is read as that tile from the
+    multiple of 16 at or below its start, the keys outside the block masked; otherwise with byte-wise loads.
+    A wider tile for the window was measured not to pay (H100, Wan2.1-1.3B semantic layouts, 2026-11-24:
+    block_n 64 through a 128-key window 7.28 ms against 7.47; block_n 32 through 64 keys 6.94 against 5.86;
+    block_n 48 through its own 64-key tile 5.34 against 8.08). The quantization pass must leave at least
+    ``BLOCK_N`` zeroed keys after the sequence (``kv_tail``) for the window."""
+    bn = tile_sizes(1, block_n)[1]
+    if not quantized or kv_aligned:
+        return bn, False
+    return bn, block_n + 15 <= bn
+
+
 def default_config(block_m: int, dp: int) -> dict:
     """The untimed fallback (and the interpreter's) launch configuration."""
     return dict(num_warps=8 if block_m * dp > 128 * 128 else 4, num_stages=2)
@@ -284,6 +315,7 @@ def block_sparse_fwd(
     kv_perm: torch.Tensor | None = None,
     lse_bhs: torch.Tensor | None = None,
     kv_aligned: bool = False,
+    kv_window: bool | None = None,
     config: dict | None = None,
 ):
     """Launch the block-sparse kernel; returns Triton's launch handle.
@@ -301,7 +333,9 @@ def block_sparse_fwd(
 
     Quantized operands made with ``kv_tail`` ≥ the KV tile (``quantize_qkv(..., kv_tail=MAX_TILE_N)``) are
     read in whole unmasked tiles; ``kv_aligned=True`` promises that every KV block starts at a multiple of 16
-    keys (the caller checks it), which lets those loads be 16 bytes wide.
+    keys (the caller checks it), which lets those loads be 16 bytes wide. Unaligned blocks are read through
+    an aligned window of :func:`kv_tile`'s width when the tail allows it (``kv_window=None``, the default);
+    ``kv_window=False`` forbids that and ``True`` requires it (ValueError when impossible).
     """
     if mode not in _MODES:
         raise ValueError(f"block_sparse_fwd: mode must be one of {tuple(_MODES)}, got {mode!r}")
@@ -345,6 +379,14 @@ def block_sparse_fwd(
         dot_ieee = False
     nq, nk, maxk = q_start.shape[2], k_start.shape[2], kv_index.shape[3]
     bm, bn = tile_sizes(block_m, block_n)
+    can_window = kv_tile(block_n, kv_aligned, quantized=code != MODE_DENSE)[1] and kv_tail >= bn
+    if kv_window and not can_window:
+        raise ValueError(
+            f"block_sparse_fwd: kv_window=True needs quantized operands, KV blocks not declared aligned, "
+            f"block_n + 15 <= the KV tile ({bn}) and kv_tail >= {bn}; got mode={mode!r}, "
+            f"kv_aligned={kv_aligned}, block_n={block_n}, kv_tail={kv_tail}"
+        )
+    window = can_window if kv_window is None else bool(kv_window)
     unmasked = code != MODE_DENSE and kv_tail >= bn
     mask = key_padding_mask
     smb, smn = (mask.stride(0), mask.stride(1)) if mask is not None else (0, 0)
@@ -371,6 +413,7 @@ def block_sparse_fwd(
             smb, smn,
             h, sq, skv, nq, nk, maxk, qk_scale, ks_stride,
             D=d, BLOCK_M=bm // split, BLOCK_N=bn, BLOCK_D=dp, SINGLE_TILE=bn >= block_n, SPLIT_M=split,
+            KV_WINDOW=window,
             MODE=code, DOT_IEEE=dot_ieee,
             HAS_MASK=mask is not None, PERM_Q=q_perm is not None,
             # the quantized modes read K/V already permuted: they need the KV index only for the key mask
@@ -382,6 +425,6 @@ def block_sparse_fwd(
 
     fallback = default_config(bm, dp)
     if config is None:
-        key = (dp, mode, str(out_bhsd.dtype), bm, bn, mask is not None, unmasked, bool(kv_aligned))
+        key = (dp, mode, str(out_bhsd.dtype), bm, bn, mask is not None, unmasked, bool(kv_aligned), window)
         config = _pick_config(key, out_bhsd.device, fallback, launch)
     return launch(config)

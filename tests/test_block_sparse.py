@@ -475,6 +475,109 @@ def test_unmasked_kv_tiles_over_a_zeroed_tail_equal_masked_tiles(aligned):
     assert torch.equal(fin, torch.isfinite(l1)) and torch.equal(l0[fin], l1[fin])
 
 
+def test_layout_knows_whether_its_kv_blocks_are_16_aligned():
+    """``BlockLayout.kv_aligned``: set by ``block_mask_to_layout`` from the data, computed on demand for a layout
+    built without it, kept by ``.to``, and a wrong ``True`` is refused by the op's layout check."""
+    b, h, s = 1, 2, 80
+    qs, ql = uniform_blocks(b, h, s, 16)
+    keep = torch.ones(b, h, qs.shape[2], qs.shape[2], dtype=torch.bool)
+    aligned = block_mask_to_layout(qs, ql, qs, ql, keep, 16, 16)
+    assert aligned.kv_aligned is True and aligned.to("cpu").kv_aligned is True
+    uneven = _cluster_layout(b, h, s, s, 16, 16, seed=61)
+    assert ((uneven.k_start % 16 != 0) & (uneven.k_len > 0)).any()  # the property below is not vacuous
+    assert uneven.kv_aligned is False
+    fields = {n: getattr(uneven, n) for n in blocks._LAYOUT_FIELDS}
+    bare = BlockLayout(**fields, block_m=16, block_n=16)
+    assert bare.kv_aligned is None and bare.kv_blocks_aligned() is False and bare.kv_aligned is False
+    bare_ok = BlockLayout(**{n: getattr(aligned, n) for n in blocks._LAYOUT_FIELDS}, block_m=16, block_n=16)
+    assert bare_ok.kv_blocks_aligned() is True
+    with pytest.raises(TypeError, match="kv_aligned"):
+        BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=1)
+    q, k, v = structured_qkv(b, h, h, s, s, 32, dtype=torch.float16, seed=62)
+    lying = BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=True)
+    with pytest.raises(ValueError, match="kv_aligned is True"):
+        block_sparse_attention(q, k, v, lying, precision="int8-fp8")
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("block_n", [48, 100])
+def test_aligned_window_reads_unaligned_kv_blocks_exactly(block_n):
+    """Unaligned KV blocks read through a 16-aligned window one tile wide (``kv_window``) give the result of
+    the plain unaligned kernel: the keys the window reads outside a block get zero weight. Both are checked
+    against the torch reference on the same quantized operands."""
+    from sagevideo.kernels import block_sparse_attn, quantize
+
+    b, h, sq, skv, d = 1, 2, 72, 150, 32
+    q, k, v = _dev(*structured_qkv(b, h, h, sq, skv, d, dtype=torch.float16, seed=63))
+    lay = _cluster_layout(b, h, sq, skv, 16, block_n, seed=64).to(DEVICE)
+    assert lay.kv_aligned is False
+    wide, window = block_sparse_attn.kv_tile(block_n, False)
+    assert window and wide == block_sparse_attn.tile_sizes(16, block_n)[1] == (64 if block_n == 48 else 128)
+    assert block_sparse_attn.kv_tile(block_n, True) == (wide, False)
+    assert block_sparse_attn.kv_tile(64, False) == (64, False)  # no room for a window in a 64-key tile
+    qp, kp = _perms(b, h, sq, 65), _perms(b, h, skv, 66)
+    dqp, dkp = (t.to(DEVICE).to(torch.int32) for t in (qp, kp))
+    qkv = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=dqp, kv_gather=dkp, need_lse=True,
+                                kv_tail=wide)
+    geometry = dict(q_start=lay.q_start, q_len=lay.q_len, k_start=lay.k_start, k_len=lay.k_len,
+                    kv_index=lay.kv_index, kv_count=lay.kv_count, block_m=lay.block_m, block_n=lay.block_n)
+    outs = []
+    for use in (False, True):
+        out = torch.zeros_like(q)
+        lse = torch.full((b, h, sq), float("nan"), device=q.device)
+        block_sparse_attn.block_sparse_fwd("int8-fp8", qkv, None, None, out, **geometry, q_perm=dqp, kv_perm=dkp,
+                                           lse_bhs=lse, kv_window=use)
+        outs.append((out.float().cpu(), lse.cpu()))
+    (o0, l0), (o1, l1) = outs
+    torch.testing.assert_close(o1, o0, atol=2e-3, rtol=1e-3)
+    fin = torch.isfinite(l0)
+    assert torch.equal(fin, torch.isfinite(l1))
+    torch.testing.assert_close(l1[fin], l0[fin], atol=1e-4, rtol=1e-5)
+    r_out, _ = _same_operands_reference(q.cpu(), k.cpu(), v.cpu(), lay.to("cpu"), "int8-fp8",
+                                        torch.ones(b, skv, dtype=torch.bool), qp, kp, False)
+    m = error_metrics(o1, r_out)
+    assert m["cos"] > 0.999 and m["rel_l1"] < 0.03, m
+    with pytest.raises(ValueError, match="kv_window=True"):  # a tail shorter than the window
+        short = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=dqp, kv_gather=dkp,
+                                      kv_tail=wide // 2)
+        block_sparse_attn.block_sparse_fwd("int8-fp8", short, None, None, torch.zeros_like(q), **geometry,
+                                           q_perm=dqp, kv_perm=dkp, kv_window=True)
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("aligned", [False, True])
+def test_op_without_the_check_gives_the_kernel_the_layouts_alignment(aligned, monkeypatch):
+    """``check_layout=False`` (how ``sparse_attention`` runs) must still hand the kernel the alignment the layout
+    knows (16-byte loads, or the aligned window), and give the checked call's result."""
+    from sagevideo.kernels import block_sparse_attn
+
+    b, h, s = 1, 2, 80
+    q, k, v = _dev(*structured_qkv(b, h, h, s, s, 32, dtype=torch.float16, seed=67))
+    if aligned:
+        qs, ql = uniform_blocks(b, h, s, 16)
+        keep = torch.rand(b, h, qs.shape[2], qs.shape[2], generator=torch.Generator().manual_seed(68)) < 0.5
+        lay = block_mask_to_layout(qs, ql, qs, ql, keep, 16, 16)
+    else:
+        lay = _cluster_layout(b, h, s, s, 16, 16, seed=69)
+    lay = lay.to(DEVICE)
+    perm = _perms(b, h, s, 70).to(DEVICE)
+    seen = []
+    real = block_sparse_attn.block_sparse_fwd
+
+    def spy(*args, **kw):
+        seen.append((kw.get("kv_aligned"), args[1].kv_tail))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(block_sparse_attn, "block_sparse_fwd", spy)
+    outs = [block_sparse_attention(q, k, v, lay, precision="int8-fp8", q_perm=perm, kv_perm=perm, return_lse=True,
+                                   check_layout=check) for check in (True, False)]
+    want_tail = block_sparse_attn.kv_tile(16, aligned)[0]
+    assert seen == [(aligned, want_tail)] * 2
+    assert torch.equal(outs[0][0], outs[1][0])
+    fin = torch.isfinite(outs[0][1])
+    assert torch.equal(fin, torch.isfinite(outs[1][1])) and torch.equal(outs[0][1][fin], outs[1][1][fin])
+
+
 @pytest.mark.parametrize("precision", ["int8-fp16", "dense"])
 def test_split_query_blocks_give_the_same_rows(precision, monkeypatch):
     """SPLIT_M=2 (two programs per query block, half the rows each; a launch candidate on the GPU) computes

@@ -126,6 +126,9 @@ def test_spatiotemporal_plan_equals_the_keep_map_construction(classes):
     want = block_mask_to_layout(exp(maps.q_start), exp(maps.q_len), exp(maps.k_start), exp(maps.k_len), keep, 8, 4)
     for name in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
         assert torch.equal(getattr(p.layout, name), getattr(want, name)), name
+    assert p.layout.kv_aligned is want.kv_aligned is False  # blocks of 4 keys: the plan's own flag, from its sync
+    wide = P.plan_spatiotemporal(cls, layout, density=0.3, block_m=16, block_n=16).layout
+    assert wide.kv_aligned is bool(((wide.k_start % 16 == 0) | (wide.k_len == 0)).all())
     dens = P.block_density(keep, maps.q_len, maps.k_len)
     torch.testing.assert_close(p.info["density_per_head"], dens)
     assert abs(p.density - float(dens.mean())) < 1e-12

@@ -62,7 +62,12 @@ class BlockLayout:
     * ``kv_index`` ``(B, H, NQ, MAXK)``: ids (``0..NK-1``) of the KV blocks each query block attends to; only
       the first ``kv_count`` entries of a row count, the rest are ignored;
     * ``kv_count`` ``(B, H, NQ)``;
-    * ``block_m``, ``block_n``: the largest query / KV block.
+    * ``block_m``, ``block_n``: the largest query / KV block;
+    * ``kv_aligned``: whether every KV block of nonzero length starts at a multiple of 16 keys (the quantized
+      kernel then loads FP8 V 16 bytes at a time from the block starts). Leave it None: it is computed from
+      ``k_start``/``k_len`` when first needed (one host sync) and kept; the builders of this package pass the
+      value they computed in the host sync they make anyway. A wrong ``True`` is caught by
+      ``block_sparse_attention(check_layout=True)``.
 
     Query blocks of one (batch, head) must not overlap, nor KV blocks, and a row of ``kv_index`` must not list
     a block twice; :func:`block_sparse_attention` checks that (and the ranges) against the sequence lengths.
@@ -77,6 +82,7 @@ class BlockLayout:
     kv_count: torch.Tensor
     block_m: int
     block_n: int
+    kv_aligned: bool | None = None
 
     def __post_init__(self):
         for name in _LAYOUT_FIELDS:
@@ -91,6 +97,8 @@ class BlockLayout:
                 raise ValueError(f"BlockLayout.{name} must be {want}-D {dims}, got shape {tuple(t.shape)}")
             if t.dtype != torch.int32 or not t.is_contiguous():
                 object.__setattr__(self, name, t.to(torch.int32).contiguous())
+        if self.kv_aligned is not None and not isinstance(self.kv_aligned, bool):
+            raise TypeError(f"BlockLayout.kv_aligned must be None or a bool, got {self.kv_aligned!r}")
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
@@ -141,8 +149,15 @@ class BlockLayout:
     def to(self, device) -> "BlockLayout":
         """The same layout on ``device``."""
         return BlockLayout(
-            *(getattr(self, n).to(device) for n in _LAYOUT_FIELDS), block_m=self.block_m, block_n=self.block_n
+            *(getattr(self, n).to(device) for n in _LAYOUT_FIELDS), block_m=self.block_m, block_n=self.block_n,
+            kv_aligned=self.kv_aligned,
         )
+
+    def kv_blocks_aligned(self) -> bool:
+        """``kv_aligned``, computed (one host sync) and kept when the layout was built without it."""
+        if self.kv_aligned is None:
+            object.__setattr__(self, "kv_aligned", bool(_aligned_flag(self.k_start, self.k_len)))
+        return self.kv_aligned
 
     def keep_matrix(self) -> torch.Tensor:
         """The block-level mask, bool ``(B, H, NQ, NK)`` (small: one entry per block pair)."""
@@ -163,6 +178,11 @@ class BlockLayout:
         kept = (ql[..., :, None] * keep * kl[..., None, :]).sum()
         total = (ql.sum(-1) * kl.sum(-1)).sum()
         return float(kept / total) if total > 0 else 0.0
+
+
+def _aligned_flag(k_start: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: every KV block of nonzero length starts at a multiple of 16 keys (no host sync)."""
+    return ((k_start % 16 == 0) | (k_len == 0)).all()
 
 
 def _keep_matrix(layout: BlockLayout) -> torch.Tensor:
@@ -271,13 +291,17 @@ def block_mask_to_layout(
         )
     keep = block_keep.to(q_start.device) & (q_len > 0)[..., :, None] & (k_len > 0)[..., None, :]
     count = keep.sum(-1)
-    maxk = max(1, int(count.max())) if count.numel() else 1
+    # one host sync: the longest list, and whether the KV blocks start 16-aligned (BlockLayout.kv_aligned)
+    most, aligned = torch.stack([count.max() if count.numel() else count.new_zeros(()),
+                                 _aligned_flag(k_start.to(keep.device), k_len.to(keep.device)).long()]).tolist()
+    maxk = max(1, most)
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk]
     live = torch.arange(maxk, device=keep.device) < count[..., None]
     index = torch.where(live, order, 0)
     if index.shape[-1] < maxk:  # NK = 0
         index = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=keep.device)
-    return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n)
+    return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n,
+                       kv_aligned=bool(aligned))
 
 
 def _row_to_block(start: torch.Tensor, length: torch.Tensor, block: int, seq: int) -> torch.Tensor:
@@ -459,7 +483,9 @@ def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: 
         hits.scatter_add_(2, torch.where(ok_range, perm, 0).long(), torch.ones_like(perm, dtype=torch.int32))
         add((hits == 1).all(), f"{name} must be a permutation of 0..{s - 1} for every (batch, head)")
     covered = (cover_q >= 1).all() if sq > 0 else torch.ones((), dtype=torch.bool, device=dev)
-    aligned = ((layout.k_start % 16 == 0) | (layout.k_len == 0)).all()
+    aligned = _aligned_flag(layout.k_start, layout.k_len)
+    if layout.kv_aligned:
+        add(aligned, "kv_aligned is True but some KV block does not start at a multiple of 16 keys")
     values = torch.stack([*flags, covered.reshape(()), aligned.reshape(())]).tolist()
     for ok, msg in zip(values[:-2], messages):
         if not ok:
@@ -517,7 +543,7 @@ def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v
         qb, kb, vb, scale=scale, precision=mode, key_padding_mask=mask, smooth_v=smooth_v,
         need_lse=lse_bhs is not None, q_gather=qp, kv_gather=kp,
         # zeroed keys past the end: the kernel reads whole KV tiles without masks (FP8 V only)
-        kv_tail=block_sparse_attn.tile_sizes(layout.block_m, layout.block_n)[1],
+        kv_tail=block_sparse_attn.kv_tile(layout.block_n, kv_aligned)[0],
     )
     block_sparse_attn.block_sparse_fwd(
         mode, qkv, None, None, out_bhsd, **geometry, key_padding_mask=mask, q_perm=qp, kv_perm=kp, lse_bhs=lse_bhs,
@@ -592,9 +618,11 @@ def block_sparse_attention(
             f"{where}: query blocks of at most {MAX_BLOCK_M} rows are supported (one kernel program holds a "
             f"whole query block), the layout has block_m={layout.block_m}"
         )
-    # one host sync: the checks, whether every row is in a query block, and whether every KV block starts at
-    # a multiple of 16 keys (wide loads in the kernel); without the check, assume neither
-    covered, kv_aligned = _check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout else (False, False)
+    # with the check, one host sync: the checks, whether every row is in a query block, and whether every KV
+    # block starts at a multiple of 16 keys (wide loads in the kernel); without it, the layout's own kv_aligned
+    # (known from its builder, or computed once per layout) and a zero-filled output
+    covered, kv_aligned = (_check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout
+                           else (False, layout.kv_blocks_aligned()))
     scale = reference.default_scale(d) if scale is None else scale
     qb, kb, vb = (_to_bhsd(t, tensor_layout) for t in (q, k, v))
     out_bhsd = _to_bhsd(out, tensor_layout)

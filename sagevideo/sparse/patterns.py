@@ -429,7 +429,7 @@ def plan_spatiotemporal(
     with one host sync (the class histogram: range check, whether any head is temporal, the list width and
     the mean density).
     """
-    from sagevideo.sparse.blocks import BlockLayout
+    from sagevideo.sparse.blocks import BlockLayout, _aligned_flag
 
     device = head_classes.device if device is None else torch.device(device)
     maps = spatiotemporal_maps(layout, block_m=block_m, block_n=block_n, density=density, width=width, radius=radius)
@@ -437,7 +437,9 @@ def plan_spatiotemporal(
     cls = head_classes.to(device=device, dtype=torch.int64)
     b, h = cls.shape
     bad = ((cls < 0) | (cls > 2)).any().reshape(1)
-    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64)]).tolist()
+    aligned = _aligned_flag(lists["k_start"], lists["k_len"]).to(device=device, dtype=torch.int64).reshape(1)
+    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64),
+                       aligned]).tolist()
     if stats[3]:
         raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
     present = [c for c in range(3) if stats[c] > 0]
@@ -450,7 +452,7 @@ def plan_spatiotemporal(
     block_layout = BlockLayout(
         expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
         expand(lists["k_len"], nk), lists["index"][:, :, :maxk][cls].contiguous(), lists["count"][cls].contiguous(),
-        block_m, block_n,
+        block_m, block_n, kv_aligned=bool(stats[4]),
     )
     q_perm = kv_perm = None
     if stats[HEAD_TEMPORAL]:
