@@ -22,7 +22,7 @@ S=119056 = 33×45×80 latent + 256 text tokens, D=128). Inputs have locality: Q 
 over the (T, H, W) grid plus noise (with sagevideo.testing's structure: a per-channel K offset, outlier
 channels, a V bias), so nearby tokens attend to each other. Block lists follow a local window: tokens are
 grouped in (2, 8, 8) tiles (128 tokens; edge tiles are smaller: clusters of unequal size, cut by
-``cluster_blocks``), and each query block keeps the KV blocks whose tile centres are nearest (time weighted
+``cluster_blocks(..., align=16)``), and each query block keeps the KV blocks whose tile centres are nearest (time weighted
 ×2), as many as the density asks; text tokens attend to and are attended by everything.
 
 Timing: CUDA events around each call, after warm-up, median of ``--reps`` calls cycling through ``--fresh``
@@ -136,7 +136,7 @@ def local_layout(b, h, sizes, centres, block, density, device):
     """A BlockLayout keeping, for every query block, the KV blocks of the nearest tiles (``density`` of them)."""
     from sagevideo.sparse.blocks import block_mask_to_layout, cluster_blocks
 
-    start, length, cluster = cluster_blocks(sizes.view(1, 1, -1), block)
+    start, length, cluster = cluster_blocks(sizes.view(1, 1, -1), block, align=16)
     cl = cluster[0, 0].long()
     pos = centres[cl.clamp_min(0)] * torch.tensor([TIME_WEIGHT, 1.0, 1.0], dtype=torch.float64)
     text = torch.isnan(pos[:, 0]) | (cl < 0)
@@ -260,7 +260,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
         build_ms = (time.perf_counter() - t0) * 1e3
         mask_rows = blocks._token_mask_fn(layout, s, s, perm, perm, None)(rows)
         # aligned KV blocks let the kernel load FP8 V 16 bytes at a time (compare --perm tile with --perm none)
-        aligned = layout.kv_aligned
+        aligned = f"{layout.kv_aligned} (reach {layout.kv_reach})"
         for precision in precisions:
             def sparse(x, layout=layout, precision=precision):
                 # as sparse_attention calls it: the layout trusted (its check costs 1.4-1.9 ms and one host
@@ -280,7 +280,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
     text = (s - extra, extra) if extra else None
     for method, kw in (("spatiotemporal", {}), ("semantic", {"q_clusters": 4, "k_clusters": 8} if smoke else {})):
-        kw = dict(kw, grid=grid, text=text, method=method, block_m=block, block_n=64 if not smoke else block)
+        kw = dict(kw, grid=grid, text=text, method=method, block_m=block, **({"block_n": block} if smoke else {}))
         state = SparseState()
         step = iter(range(1, 10**6))
         plan0 = plan_sparse(*sets[0], state=state, step=0, **kw)  # cold: 50 k-means rounds / first profile

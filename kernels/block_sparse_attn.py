@@ -260,14 +260,16 @@ def tile_sizes(block_m: int, block_n: int) -> tuple[int, int]:
     return bm, bn
 
 
-def kv_tile(block_n: int, kv_aligned: bool, quantized: bool = True) -> tuple[int, bool]:
+def kv_tile(block_n: int, kv_aligned: bool, kv_reach: int | None = None, quantized: bool = True) -> tuple[int, bool]:
     """``(BLOCK_N, window)``: the KV tile the kernel walks a layout's KV blocks with, and whether it reads them
     through an aligned window.
 
     Quantized operands are read 16 bytes at a time only from 16-key-aligned starts (FP8 Vᵀ is contiguous
-    along the keys). When the blocks are not known to be aligned and the natural tile (:func:`tile_sizes`)
-    has room for ``block_n + 15`` keys (``block_n`` 48, 96-112, ...), each block is read as that tile from the
-    multiple of 16 at or below its start, the keys outside the block masked; otherwise with byte-wise loads.
+    along the keys). When the blocks are not aligned but each reaches at most the natural tile
+    (:func:`tile_sizes`) from the multiple of 16 at or below its start (``kv_reach``, the layout's largest
+    ``k_start % 16 + k_len``; unknown = ``block_n + 15``), each block is read as that tile from there, the
+    keys outside the block masked; otherwise with byte-wise loads. Clusters cut by
+    ``sagevideo.sparse.blocks.cluster_blocks(..., align=16)`` always fit.
     A wider tile for the window was measured not to pay (H100, Wan2.1-1.3B semantic layouts, 2026-11-24:
     block_n 64 through a 128-key window 7.28 ms against 7.47; block_n 32 through 64 keys 6.94 against 5.86;
     block_n 48 through its own 64-key tile 5.34 against 8.08). The quantization pass must leave at least
@@ -275,7 +277,7 @@ def kv_tile(block_n: int, kv_aligned: bool, quantized: bool = True) -> tuple[int
     bn = tile_sizes(1, block_n)[1]
     if not quantized or kv_aligned:
         return bn, False
-    return bn, block_n + 15 <= bn
+    return bn, (block_n + 15 if kv_reach is None else kv_reach) <= bn
 
 
 def default_config(block_m: int, dp: int) -> dict:
@@ -315,6 +317,7 @@ def block_sparse_fwd(
     kv_perm: torch.Tensor | None = None,
     lse_bhs: torch.Tensor | None = None,
     kv_aligned: bool = False,
+    kv_reach: int | None = None,
     kv_window: bool | None = None,
     config: dict | None = None,
 ):
@@ -333,9 +336,10 @@ def block_sparse_fwd(
 
     Quantized operands made with ``kv_tail`` ≥ the KV tile (``quantize_qkv(..., kv_tail=MAX_TILE_N)``) are
     read in whole unmasked tiles; ``kv_aligned=True`` promises that every KV block starts at a multiple of 16
-    keys (the caller checks it), which lets those loads be 16 bytes wide. Unaligned blocks are read through
-    an aligned window of :func:`kv_tile`'s width when the tail allows it (``kv_window=None``, the default);
-    ``kv_window=False`` forbids that and ``True`` requires it (ValueError when impossible).
+    keys (the caller checks it), which lets those loads be 16 bytes wide. Unaligned blocks that reach at most
+    one tile from the multiple of 16 at or below their start (``kv_reach``, see :func:`kv_tile`) are read
+    through an aligned window when the tail allows it (``kv_window=None``, the default); ``kv_window=False``
+    forbids that and ``True`` requires it (ValueError when impossible).
     """
     if mode not in _MODES:
         raise ValueError(f"block_sparse_fwd: mode must be one of {tuple(_MODES)}, got {mode!r}")
@@ -379,12 +383,12 @@ def block_sparse_fwd(
         dot_ieee = False
     nq, nk, maxk = q_start.shape[2], k_start.shape[2], kv_index.shape[3]
     bm, bn = tile_sizes(block_m, block_n)
-    can_window = kv_tile(block_n, kv_aligned, quantized=code != MODE_DENSE)[1] and kv_tail >= bn
+    can_window = kv_tile(block_n, kv_aligned, kv_reach, quantized=code != MODE_DENSE)[1] and kv_tail >= bn
     if kv_window and not can_window:
         raise ValueError(
-            f"block_sparse_fwd: kv_window=True needs quantized operands, KV blocks not declared aligned, "
-            f"block_n + 15 <= the KV tile ({bn}) and kv_tail >= {bn}; got mode={mode!r}, "
-            f"kv_aligned={kv_aligned}, block_n={block_n}, kv_tail={kv_tail}"
+            f"block_sparse_fwd: kv_window=True needs quantized operands, KV blocks not declared aligned, a reach "
+            f"(kv_reach, else block_n + 15) <= the KV tile ({bn}) and kv_tail >= {bn}; got mode={mode!r}, "
+            f"kv_aligned={kv_aligned}, kv_reach={kv_reach}, block_n={block_n}, kv_tail={kv_tail}"
         )
     window = can_window if kv_window is None else bool(kv_window)
     unmasked = code != MODE_DENSE and kv_tail >= bn

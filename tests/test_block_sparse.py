@@ -447,7 +447,7 @@ def test_unmasked_kv_tiles_over_a_zeroed_tail_equal_masked_tiles(aligned):
         lay = _cluster_layout(b, h, s, s, 16, 16, seed=53)
     lay = lay.to(DEVICE)
     perm = _perms(b, h, s, 54).to(DEVICE).to(torch.int32)
-    covered, kv_aligned = _check_data(lay, s, s, perm, perm, "test")
+    covered, (kv_aligned, _) = _check_data(lay, s, s, perm, perm, "test")
     assert kv_aligned == aligned
     _, bn = block_sparse_attn.tile_sizes(lay.block_m, lay.block_n)
     geometry = dict(q_start=lay.q_start, q_len=lay.q_len, k_start=lay.k_start, k_len=lay.k_len,
@@ -475,46 +475,89 @@ def test_unmasked_kv_tiles_over_a_zeroed_tail_equal_masked_tiles(aligned):
     assert torch.equal(fin, torch.isfinite(l1)) and torch.equal(l0[fin], l1[fin])
 
 
-def test_layout_knows_whether_its_kv_blocks_are_16_aligned():
-    """``BlockLayout.kv_aligned``: set by ``block_mask_to_layout`` from the data, computed on demand for a layout
-    built without it, kept by ``.to``, and a wrong ``True`` is refused by the op's layout check."""
+def _reach(lay):
+    live = lay.k_len > 0
+    return int(torch.where(live, lay.k_start.long() % 16 + lay.k_len.long(), 0).max())
+
+
+def test_layout_knows_its_kv_block_alignment():
+    """``BlockLayout.kv_aligned`` / ``kv_reach``: set by ``block_mask_to_layout`` from the data, computed on
+    demand for a layout built without them, kept by ``.to``, and wrong values are refused by the op's check."""
     b, h, s = 1, 2, 80
     qs, ql = uniform_blocks(b, h, s, 16)
     keep = torch.ones(b, h, qs.shape[2], qs.shape[2], dtype=torch.bool)
     aligned = block_mask_to_layout(qs, ql, qs, ql, keep, 16, 16)
-    assert aligned.kv_aligned is True and aligned.to("cpu").kv_aligned is True
+    assert (aligned.kv_aligned, aligned.kv_reach) == (True, 16) == aligned.to("cpu").kv_geometry()
     uneven = _cluster_layout(b, h, s, s, 16, 16, seed=61)
     assert ((uneven.k_start % 16 != 0) & (uneven.k_len > 0)).any()  # the property below is not vacuous
-    assert uneven.kv_aligned is False
+    assert uneven.kv_aligned is False and uneven.kv_reach == _reach(uneven) > 16
     fields = {n: getattr(uneven, n) for n in blocks._LAYOUT_FIELDS}
     bare = BlockLayout(**fields, block_m=16, block_n=16)
-    assert bare.kv_aligned is None and bare.kv_blocks_aligned() is False and bare.kv_aligned is False
+    assert bare.kv_aligned is None and bare.kv_geometry() == (False, _reach(uneven)) and bare.kv_aligned is False
     bare_ok = BlockLayout(**{n: getattr(aligned, n) for n in blocks._LAYOUT_FIELDS}, block_m=16, block_n=16)
-    assert bare_ok.kv_blocks_aligned() is True
+    assert bare_ok.kv_geometry() == (True, 16)
     with pytest.raises(TypeError, match="kv_aligned"):
-        BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=1)
+        BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=1, kv_reach=16)
+    with pytest.raises(ValueError, match="both"):
+        BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=False)
     q, k, v = structured_qkv(b, h, h, s, s, 32, dtype=torch.float16, seed=62)
-    lying = BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=True)
-    with pytest.raises(ValueError, match="kv_aligned is True"):
-        block_sparse_attention(q, k, v, lying, precision="int8-fp8")
+    for lie, match in (((True, 64), "kv_aligned is True"), ((False, 16), "kv_reach is 16")):
+        lying = BlockLayout(**fields, block_m=16, block_n=16, kv_aligned=lie[0], kv_reach=lie[1])
+        with pytest.raises(ValueError, match=match):
+            block_sparse_attention(q, k, v, lying, precision="int8-fp8")
+
+
+@pytest.mark.parametrize("offset", [0, 5])
+def test_cluster_blocks_aligned_cuts(offset):
+    """``cluster_blocks(align=16)``: the same rows as the plain cut, each cluster's blocks contiguous and in
+    order, every block but a cluster's first starting 16-aligned (absolute rows, ``offset`` included), every
+    block within ``block`` rows of the multiple of 16 at or below its start, at most one more block per
+    cluster; ``align=1`` is the plain cut."""
+    sizes = _random_sizes(2, 3, 300, 9, seed=71)
+    for block in (16, 48, 64):
+        plain = cluster_blocks(sizes, block, offset=offset)
+        ref = cluster_blocks(sizes, block, align=1, offset=offset)
+        assert all(torch.equal(x, y) for x, y in zip(plain, ref))
+        st, ln, cl = cluster_blocks(sizes, block, align=16, offset=offset)
+        live = ln > 0
+        assert (ln <= block).all() and (torch.where(live, st % 16 + ln, 0) <= block).all()
+        for bi in range(2):
+            for hi in range(3):
+                pos = offset
+                for c in range(9):
+                    mine = (cl[bi, hi] == c) & live[bi, hi]
+                    starts, lens = st[bi, hi][mine].tolist(), ln[bi, hi][mine].tolist()
+                    n = int(sizes[bi, hi, c])
+                    assert sum(lens) == n and len(starts) <= -(-n // block) + 1
+                    for i, (a, l) in enumerate(zip(starts, lens)):
+                        assert a == pos and (i == 0 or a % 16 == 0)
+                        pos += l
+                assert pos == offset + 300
+        pad = ~live & (cl == -1)
+        assert (st[pad] == offset + 300).all()
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
-@pytest.mark.parametrize("block_n", [48, 100])
+@pytest.mark.parametrize("block_n", [48, 64, 100])
 def test_aligned_window_reads_unaligned_kv_blocks_exactly(block_n):
     """Unaligned KV blocks read through a 16-aligned window one tile wide (``kv_window``) give the result of
     the plain unaligned kernel: the keys the window reads outside a block get zero weight. Both are checked
-    against the torch reference on the same quantized operands."""
+    against the torch reference on the same quantized operands. Blocks cut with ``align=16`` (48, 64) fit
+    their tile; plain cuts of 100 keys fit a 128-key tile."""
     from sagevideo.kernels import block_sparse_attn, quantize
 
     b, h, sq, skv, d = 1, 2, 72, 150, 32
     q, k, v = _dev(*structured_qkv(b, h, h, sq, skv, d, dtype=torch.float16, seed=63))
-    lay = _cluster_layout(b, h, sq, skv, 16, block_n, seed=64).to(DEVICE)
-    assert lay.kv_aligned is False
-    wide, window = block_sparse_attn.kv_tile(block_n, False)
-    assert window and wide == block_sparse_attn.tile_sizes(16, block_n)[1] == (64 if block_n == 48 else 128)
-    assert block_sparse_attn.kv_tile(block_n, True) == (wide, False)
-    assert block_sparse_attn.kv_tile(64, False) == (64, False)  # no room for a window in a 64-key tile
+    qs, ql, _ = cluster_blocks(_random_sizes(b, h, sq, 5, 64), 16)
+    ks, kl, _ = cluster_blocks(_random_sizes(b, h, skv, 4, 65), block_n, align=16 if block_n != 100 else 1)
+    keep = torch.rand(b, h, qs.shape[2], ks.shape[2], generator=torch.Generator().manual_seed(66)) < 0.55
+    lay = block_mask_to_layout(qs, ql, ks, kl, keep, 16, block_n).to(DEVICE)
+    assert lay.kv_aligned is False and lay.kv_reach == _reach(lay)
+    wide, window = block_sparse_attn.kv_tile(block_n, False, lay.kv_reach)
+    assert window and wide == block_sparse_attn.tile_sizes(16, block_n)[1] == {48: 64, 64: 64, 100: 128}[block_n]
+    assert block_sparse_attn.kv_tile(block_n, True, lay.kv_reach) == (wide, False)
+    assert block_sparse_attn.kv_tile(64, False) == (64, False)  # reach unknown: no room in a 64-key tile
+    assert block_sparse_attn.kv_tile(64, False, 65) == (64, False)
     qp, kp = _perms(b, h, sq, 65), _perms(b, h, skv, 66)
     dqp, dkp = (t.to(DEVICE).to(torch.int32) for t in (qp, kp))
     qkv = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=dqp, kv_gather=dkp, need_lse=True,
@@ -526,7 +569,7 @@ def test_aligned_window_reads_unaligned_kv_blocks_exactly(block_n):
         out = torch.zeros_like(q)
         lse = torch.full((b, h, sq), float("nan"), device=q.device)
         block_sparse_attn.block_sparse_fwd("int8-fp8", qkv, None, None, out, **geometry, q_perm=dqp, kv_perm=dkp,
-                                           lse_bhs=lse, kv_window=use)
+                                           lse_bhs=lse, kv_reach=lay.kv_reach, kv_window=use)
         outs.append((out.float().cpu(), lse.cpu()))
     (o0, l0), (o1, l1) = outs
     torch.testing.assert_close(o1, o0, atol=2e-3, rtol=1e-3)
@@ -541,14 +584,15 @@ def test_aligned_window_reads_unaligned_kv_blocks_exactly(block_n):
         short = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=dqp, kv_gather=dkp,
                                       kv_tail=wide // 2)
         block_sparse_attn.block_sparse_fwd("int8-fp8", short, None, None, torch.zeros_like(q), **geometry,
-                                           q_perm=dqp, kv_perm=dkp, kv_window=True)
+                                           q_perm=dqp, kv_perm=dkp, kv_reach=lay.kv_reach, kv_window=True)
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("aligned", [False, True])
 def test_op_without_the_check_gives_the_kernel_the_layouts_alignment(aligned, monkeypatch):
     """``check_layout=False`` (how ``sparse_attention`` runs) must still hand the kernel the alignment the layout
-    knows (16-byte loads, or the aligned window), and give the checked call's result."""
+    knows (16-byte loads, or the aligned window for blocks cut with ``align=16``), and give the checked call's
+    result."""
     from sagevideo.kernels import block_sparse_attn
 
     b, h, s = 1, 2, 80
@@ -558,21 +602,23 @@ def test_op_without_the_check_gives_the_kernel_the_layouts_alignment(aligned, mo
         keep = torch.rand(b, h, qs.shape[2], qs.shape[2], generator=torch.Generator().manual_seed(68)) < 0.5
         lay = block_mask_to_layout(qs, ql, qs, ql, keep, 16, 16)
     else:
-        lay = _cluster_layout(b, h, s, s, 16, 16, seed=69)
+        ks, kl, _ = cluster_blocks(_random_sizes(b, h, s, 4, 69), 16, align=16)
+        keep = torch.rand(b, h, 5, ks.shape[2], generator=torch.Generator().manual_seed(68)) < 0.5
+        lay = block_mask_to_layout(*uniform_blocks(b, h, s, 16), ks, kl, keep, 16, 16)
+        assert not lay.kv_aligned and lay.kv_reach <= 16
     lay = lay.to(DEVICE)
     perm = _perms(b, h, s, 70).to(DEVICE)
     seen = []
     real = block_sparse_attn.block_sparse_fwd
 
     def spy(*args, **kw):
-        seen.append((kw.get("kv_aligned"), args[1].kv_tail))
+        seen.append((kw.get("kv_aligned"), kw.get("kv_reach"), args[1].kv_tail))
         return real(*args, **kw)
 
     monkeypatch.setattr(block_sparse_attn, "block_sparse_fwd", spy)
     outs = [block_sparse_attention(q, k, v, lay, precision="int8-fp8", q_perm=perm, kv_perm=perm, return_lse=True,
                                    check_layout=check) for check in (True, False)]
-    want_tail = block_sparse_attn.kv_tile(16, aligned)[0]
-    assert seen == [(aligned, want_tail)] * 2
+    assert seen == [(aligned, 16, 16)] * 2
     assert torch.equal(outs[0][0], outs[1][0])
     fin = torch.isfinite(outs[0][1])
     assert torch.equal(fin, torch.isfinite(outs[1][1])) and torch.equal(outs[0][1][fin], outs[1][1][fin])

@@ -126,9 +126,11 @@ def test_spatiotemporal_plan_equals_the_keep_map_construction(classes):
     want = block_mask_to_layout(exp(maps.q_start), exp(maps.q_len), exp(maps.k_start), exp(maps.k_len), keep, 8, 4)
     for name in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
         assert torch.equal(getattr(p.layout, name), getattr(want, name)), name
-    assert p.layout.kv_aligned is want.kv_aligned is False  # blocks of 4 keys: the plan's own flag, from its sync
+    # the plan's own alignment figures, from its host sync, equal the ones computed from the data
+    assert p.layout.kv_aligned is want.kv_aligned is False and p.layout.kv_reach == want.kv_reach
     wide = P.plan_spatiotemporal(cls, layout, density=0.3, block_m=16, block_n=16).layout
-    assert wide.kv_aligned is bool(((wide.k_start % 16 == 0) | (wide.k_len == 0)).all())
+    assert (wide.kv_aligned, wide.kv_reach) == block_mask_to_layout(
+        wide.q_start, wide.q_len, wide.k_start, wide.k_len, wide.keep_matrix(), 16, 16).kv_geometry()
     dens = P.block_density(keep, maps.q_len, maps.k_len)
     torch.testing.assert_close(p.info["density_per_head"], dens)
     assert abs(p.density - float(dens.mean())) < 1e-12

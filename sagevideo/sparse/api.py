@@ -52,10 +52,7 @@ DEFAULT_DENSITY = 0.25  # SVG1's "--sparsity 0.25", which is the kept fraction
 DEFAULT_KMEANS_ITERS = 2  # SVG2: warm-started rounds per call
 DEFAULT_KMEANS_INIT_ITERS = 50  # SVG2: rounds of the first (cold) call
 DEFAULT_BLOCK_M = 128
-# KV block per method: the spatiotemporal blocks are uniform and 16-aligned; semantic clusters start anywhere,
-# and blocks of at most 48 keys are read through an aligned window of the 64-key tile (kernels/block_sparse_attn.py
-# kv_tile), 1.4x faster than 64-key blocks read byte-wise (H100, Wan2.1-1.3B, 2026-11-24)
-DEFAULT_BLOCK_N = {"spatiotemporal": 64, "semantic": 48}
+DEFAULT_BLOCK_N = 64
 
 
 @dataclasses.dataclass
@@ -173,12 +170,11 @@ def plan_sparse(
     step: int | None = None,
     seed: int = 0,
     block_m: int = DEFAULT_BLOCK_M,
-    block_n: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
 ) -> SparsePlan:
     """The :class:`SparsePlan` (block layout and permutations) :func:`sparse_attention` would run, without
     running attention. ``v`` is needed by ``"spatiotemporal"`` when it profiles. Arguments as in
     :func:`sparse_attention`; with a ``state``, its caches are used and updated exactly as there."""
-    block_n = DEFAULT_BLOCK_N.get(method, 64) if block_n is None else block_n
     _check_common(method, density, top_p, block_m, block_n)
     s_axis = 2 if layout == "BHSD" else 1
     tl = token_layout(grid, q.shape[s_axis], text)
@@ -268,7 +264,7 @@ def sparse_attention(
     step: int | None = None,
     seed: int = 0,
     block_m: int = DEFAULT_BLOCK_M,
-    block_n: int | None = None,
+    block_n: int = DEFAULT_BLOCK_N,
     check_layout: bool = False,
 ):
     """Sparse (and optionally quantized) joint self-attention over video tokens plus optional text tokens.
@@ -300,9 +296,8 @@ def sparse_attention(
         state: a :class:`SparseState` to reuse head classes / centroids across calls; None = fresh each call.
         step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None.
         seed: seeds the profiling rows and the cold k-means initialisation (deterministic results).
-        block_m, block_n: query / key block sizes of the kernel; ``block_n=None`` takes the method's default
-            (``DEFAULT_BLOCK_N``: 64 keys for spatiotemporal, 48 for semantic, whose unaligned cluster blocks the
-            kernel then reads through a 16-aligned window).
+        block_m, block_n: query / key block sizes of the kernel (semantic key clusters are cut at multiples of
+            16 rows, so the kernel reads every KV block with aligned loads).
         check_layout: let ``block_sparse_attention`` validate the plan (one host sync; tests and debugging —
             the plans built here are valid by construction).
 

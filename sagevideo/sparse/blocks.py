@@ -63,11 +63,13 @@ class BlockLayout:
       the first ``kv_count`` entries of a row count, the rest are ignored;
     * ``kv_count`` ``(B, H, NQ)``;
     * ``block_m``, ``block_n``: the largest query / KV block;
-    * ``kv_aligned``: whether every KV block of nonzero length starts at a multiple of 16 keys (the quantized
-      kernel then loads FP8 V 16 bytes at a time from the block starts). Leave it None: it is computed from
-      ``k_start``/``k_len`` when first needed (one host sync) and kept; the builders of this package pass the
-      value they computed in the host sync they make anyway. A wrong ``True`` is caught by
-      ``block_sparse_attention(check_layout=True)``.
+    * ``kv_aligned``, ``kv_reach``: whether every KV block of nonzero length starts at a multiple of 16 keys,
+      and the largest ``k_start % 16 + k_len`` over them (how far each block reaches from the multiple of 16
+      at or below its start). The quantized kernel loads FP8 V 16 bytes at a time from aligned starts, or
+      through an aligned window when ``kv_reach`` fits its KV tile (:func:`cluster_blocks` with ``align=16``
+      cuts clusters so that it does). Leave them None: they are computed from ``k_start``/``k_len`` when first
+      needed (one host sync) and kept; the builders of this package pass the values they computed in the host
+      sync they make anyway. Wrong values are caught by ``block_sparse_attention(check_layout=True)``.
 
     Query blocks of one (batch, head) must not overlap, nor KV blocks, and a row of ``kv_index`` must not list
     a block twice; :func:`block_sparse_attention` checks that (and the ranges) against the sequence lengths.
@@ -83,6 +85,7 @@ class BlockLayout:
     block_m: int
     block_n: int
     kv_aligned: bool | None = None
+    kv_reach: int | None = None
 
     def __post_init__(self):
         for name in _LAYOUT_FIELDS:
@@ -97,8 +100,12 @@ class BlockLayout:
                 raise ValueError(f"BlockLayout.{name} must be {want}-D {dims}, got shape {tuple(t.shape)}")
             if t.dtype != torch.int32 or not t.is_contiguous():
                 object.__setattr__(self, name, t.to(torch.int32).contiguous())
+        if (self.kv_aligned is None) != (self.kv_reach is None):
+            raise ValueError("BlockLayout: give both kv_aligned and kv_reach, or neither (then they are computed)")
         if self.kv_aligned is not None and not isinstance(self.kv_aligned, bool):
             raise TypeError(f"BlockLayout.kv_aligned must be None or a bool, got {self.kv_aligned!r}")
+        if self.kv_reach is not None and (isinstance(self.kv_reach, bool) or not isinstance(self.kv_reach, int)):
+            raise TypeError(f"BlockLayout.kv_reach must be None or an int, got {self.kv_reach!r}")
         for name in ("block_m", "block_n"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
@@ -150,14 +157,16 @@ class BlockLayout:
         """The same layout on ``device``."""
         return BlockLayout(
             *(getattr(self, n).to(device) for n in _LAYOUT_FIELDS), block_m=self.block_m, block_n=self.block_n,
-            kv_aligned=self.kv_aligned,
+            kv_aligned=self.kv_aligned, kv_reach=self.kv_reach,
         )
 
-    def kv_blocks_aligned(self) -> bool:
-        """``kv_aligned``, computed (one host sync) and kept when the layout was built without it."""
+    def kv_geometry(self) -> tuple[bool, int]:
+        """``(kv_aligned, kv_reach)``, computed (one host sync) and kept when the layout was built without them."""
         if self.kv_aligned is None:
-            object.__setattr__(self, "kv_aligned", bool(_aligned_flag(self.k_start, self.k_len)))
-        return self.kv_aligned
+            aligned, reach = _kv_geometry(self.k_start, self.k_len).tolist()
+            object.__setattr__(self, "kv_aligned", bool(aligned))
+            object.__setattr__(self, "kv_reach", int(reach))
+        return self.kv_aligned, self.kv_reach
 
     def keep_matrix(self) -> torch.Tensor:
         """The block-level mask, bool ``(B, H, NQ, NK)`` (small: one entry per block pair)."""
@@ -180,9 +189,14 @@ class BlockLayout:
         return float(kept / total) if total > 0 else 0.0
 
 
-def _aligned_flag(k_start: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
-    """0-d bool tensor: every KV block of nonzero length starts at a multiple of 16 keys (no host sync)."""
-    return ((k_start % 16 == 0) | (k_len == 0)).all()
+def _kv_geometry(k_start: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
+    """int64 ``(2,)`` tensor (no host sync): whether every KV block of nonzero length starts at a multiple of 16
+    keys, and the largest ``k_start % 16 + k_len`` over those blocks (0 if none)."""
+    live = k_len > 0
+    aligned = (~live | (k_start % 16 == 0)).all()
+    reach = torch.where(live, k_start.long() % 16 + k_len.long(), 0)
+    reach = reach.max() if reach.numel() else reach.new_zeros(())
+    return torch.stack([aligned.long(), reach])
 
 
 def _keep_matrix(layout: BlockLayout) -> torch.Tensor:
@@ -212,31 +226,44 @@ def uniform_blocks(batch: int, heads: int, seq_len: int, block: int, device=None
     return expand(start), expand(length.to(torch.int32))
 
 
-def cluster_blocks(sizes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cluster_blocks(sizes: torch.Tensor, block: int, align: int = 1,
+                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut clusters (contiguous in the permuted order) into blocks of at most ``block`` rows.
 
     Args:
         sizes: integer ``(B, H, C)``, the size of each cluster in permuted order; every (batch, head) must sum
             to the same sequence length S. Empty clusters are allowed.
         block: the largest block.
+        align: the cuts inside a cluster fall at ``a + k·block``, ``a`` the multiple of ``align`` at or below
+            the cluster's start. With 1 (the default) a cluster of size n becomes ``ceil(n/block)`` blocks, full
+            ones first, the tail last. With 16 (and ``block`` a multiple of 16) every block but a cluster's
+            first starts 16-aligned and every block lies within ``block`` rows of the multiple of 16 at or
+            below its start, so the quantized kernel reads them all with aligned loads (``kv_reach`` ≤
+            ``block``; ``kernels/block_sparse_attn.py`` ``kv_tile``), at the cost of at most one more block per
+            cluster.
+        offset: the row of the whole sequence where the clustered segment begins: added to every start, and
+            what ``align`` refers to.
 
     Returns:
-        ``(start, len, cluster)``, each ``(B, H, N)`` (int32): a cluster of size n becomes ``ceil(n/block)``
-        blocks (full ones first, the tail last) and blocks never straddle two clusters. ``N`` is the largest
-        block count over (batch, head); the other rows are padded with slots of length 0 (start S, cluster
-        −1).
+        ``(start, len, cluster)``, each ``(B, H, N)`` (int32); blocks never straddle two clusters. ``N`` is the
+        largest block count over (batch, head); the other rows are padded with slots of length 0 (start
+        ``offset + S``, cluster −1).
     """
     if not isinstance(sizes, torch.Tensor) or not _is_int(sizes) or sizes.dim() != 3:
         raise ValueError("cluster_blocks: sizes must be an integer tensor (B, H, C) of cluster sizes")
     if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
         raise ValueError(f"cluster_blocks: block must be a positive int, got {block!r}")
+    if isinstance(align, bool) or not isinstance(align, int) or align <= 0:
+        raise ValueError(f"cluster_blocks: align must be a positive int, got {align!r}")
     sizes = sizes.long()
     b, h, c = sizes.shape
     dev = sizes.device
     if c == 0:
         raise ValueError("cluster_blocks: sizes has no clusters (C = 0)")
     totals = sizes.sum(-1)
-    chunks = (sizes + block - 1) // block  # (B, H, C)
+    starts = sizes.cumsum(-1) - sizes + int(offset)
+    lead = starts % align  # rows between the cut origin (a multiple of align) and the cluster's start
+    chunks = torch.where(sizes > 0, (lead + sizes + block - 1) // block, 0)  # (B, H, C)
     cum = chunks.cumsum(-1)
     if sizes.numel():
         # the checks and the block count in one host sync (this runs in every semantic plan, on the GPU)
@@ -257,11 +284,12 @@ def cluster_blocks(sizes: torch.Tensor, block: int) -> tuple[torch.Tensor, torch
     live = cl < c
     cl_safe = cl.clamp(max=c - 1)
     first_chunk = (cum - chunks).gather(2, cl_safe)
-    cluster_start = (sizes.cumsum(-1) - sizes).gather(2, cl_safe)
-    offset = (j - first_chunk) * block
-    start = cluster_start + offset
-    length = (sizes.gather(2, cl_safe) - offset).clamp(0, block)
-    start = torch.where(live, start, seq)
+    cluster_start = starts.gather(2, cl_safe)
+    cluster_end = cluster_start + sizes.gather(2, cl_safe)
+    cut = cluster_start - lead.gather(2, cl_safe) + (j - first_chunk) * block  # this block's cut origin
+    start = torch.maximum(cut, cluster_start)
+    length = (torch.minimum(cut + block, cluster_end) - start).clamp(0, block)
+    start = torch.where(live, start, int(offset) + seq)
     length = torch.where(live, length, 0)
     cluster = torch.where(live, cl, -1)
     return start.to(torch.int32), length.to(torch.int32), cluster.to(torch.int32)
@@ -291,9 +319,9 @@ def block_mask_to_layout(
         )
     keep = block_keep.to(q_start.device) & (q_len > 0)[..., :, None] & (k_len > 0)[..., None, :]
     count = keep.sum(-1)
-    # one host sync: the longest list, and whether the KV blocks start 16-aligned (BlockLayout.kv_aligned)
-    most, aligned = torch.stack([count.max() if count.numel() else count.new_zeros(()),
-                                 _aligned_flag(k_start.to(keep.device), k_len.to(keep.device)).long()]).tolist()
+    # one host sync: the longest list, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
+    most, aligned, reach = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
+                                      _kv_geometry(k_start.to(keep.device), k_len.to(keep.device))]).tolist()
     maxk = max(1, most)
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk]
     live = torch.arange(maxk, device=keep.device) < count[..., None]
@@ -301,7 +329,7 @@ def block_mask_to_layout(
     if index.shape[-1] < maxk:  # NK = 0
         index = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=keep.device)
     return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n,
-                       kv_aligned=bool(aligned))
+                       kv_aligned=bool(aligned), kv_reach=int(reach))
 
 
 def _row_to_block(start: torch.Tensor, length: torch.Tensor, block: int, seq: int) -> torch.Tensor:
@@ -435,11 +463,11 @@ def _validate(q, k, v, layout, tensor_layout, precision, scale, key_padding_mask
     return b, hq, sq, skv, d
 
 
-def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: str) -> tuple[bool, bool]:
+def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: str) -> tuple[bool, tuple[bool, int]]:
     """Range and consistency checks of the layout's (and permutations') values, with one host sync.
 
     Returns whether the query blocks cover every query row (if not, uncovered rows must be zero-filled), and
-    whether every live KV block starts at a multiple of 16 keys (the kernel may then load 16 bytes at once).
+    the KV blocks' ``(kv_aligned, kv_reach)`` from the data (see :class:`BlockLayout`).
     """
     dev = layout.device
     flags, messages = [], []
@@ -483,14 +511,17 @@ def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: 
         hits.scatter_add_(2, torch.where(ok_range, perm, 0).long(), torch.ones_like(perm, dtype=torch.int32))
         add((hits == 1).all(), f"{name} must be a permutation of 0..{s - 1} for every (batch, head)")
     covered = (cover_q >= 1).all() if sq > 0 else torch.ones((), dtype=torch.bool, device=dev)
-    aligned = _aligned_flag(layout.k_start, layout.k_len)
-    if layout.kv_aligned:
-        add(aligned, "kv_aligned is True but some KV block does not start at a multiple of 16 keys")
-    values = torch.stack([*flags, covered.reshape(()), aligned.reshape(())]).tolist()
-    for ok, msg in zip(values[:-2], messages):
+    geometry = _kv_geometry(layout.k_start, layout.k_len)
+    if layout.kv_aligned is not None:
+        add(geometry[0] >= int(layout.kv_aligned), "kv_aligned is True but some KV block does not start at a "
+                                                   "multiple of 16 keys")
+        add(geometry[1] <= layout.kv_reach, f"kv_reach is {layout.kv_reach} but some KV block reaches further "
+                                            "(k_start % 16 + k_len)")
+    values = torch.stack([*(f.long() for f in flags), covered.reshape(()).long(), *geometry]).tolist()
+    for ok, msg in zip(values[:-3], messages):
         if not ok:
             raise ValueError(f"{where}: invalid layout or permutation: {msg}")
-    return bool(values[-2]), bool(values[-1])
+    return bool(values[-3]), (bool(values[-2]), int(values[-1]))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,7 +550,7 @@ def _kernel_ok(device: torch.device, mode: str, dtype: torch.dtype) -> bool:
 
 
 def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v, out_bhsd, lse_bhs, covered,
-                kv_aligned=False):
+                kv_geometry=(False, None)):
     """The Triton path (BHSD views in; writes ``out_bhsd``/``lse_bhs`` in the original order)."""
     from sagevideo.kernels import block_sparse_attn, quantize
 
@@ -543,11 +574,11 @@ def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v
         qb, kb, vb, scale=scale, precision=mode, key_padding_mask=mask, smooth_v=smooth_v,
         need_lse=lse_bhs is not None, q_gather=qp, kv_gather=kp,
         # zeroed keys past the end: the kernel reads whole KV tiles without masks (FP8 V only)
-        kv_tail=block_sparse_attn.kv_tile(layout.block_n, kv_aligned)[0],
+        kv_tail=block_sparse_attn.kv_tile(layout.block_n, *kv_geometry)[0],
     )
     block_sparse_attn.block_sparse_fwd(
         mode, qkv, None, None, out_bhsd, **geometry, key_padding_mask=mask, q_perm=qp, kv_perm=kp, lse_bhs=lse_bhs,
-        kv_aligned=kv_aligned,
+        kv_aligned=kv_geometry[0], kv_reach=kv_geometry[1],
     )
 
 
@@ -621,8 +652,8 @@ def block_sparse_attention(
     # with the check, one host sync: the checks, whether every row is in a query block, and whether every KV
     # block starts at a multiple of 16 keys (wide loads in the kernel); without it, the layout's own kv_aligned
     # (known from its builder, or computed once per layout) and a zero-filled output
-    covered, kv_aligned = (_check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout
-                           else (False, layout.kv_blocks_aligned()))
+    covered, kv_geometry = (_check_data(layout, sq, skv, q_perm, kv_perm, where) if check_layout
+                            else (False, layout.kv_geometry()))
     scale = reference.default_scale(d) if scale is None else scale
     qb, kb, vb = (_to_bhsd(t, tensor_layout) for t in (q, k, v))
     out_bhsd = _to_bhsd(out, tensor_layout)
@@ -630,7 +661,7 @@ def block_sparse_attention(
     if _kernel_ok(q.device, mode, q.dtype):
         _run_kernel(
             qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v, out_bhsd, lse, covered,
-            kv_aligned,
+            kv_geometry,
         )
     else:
         o, l = _run_reference(qb, kb, vb, layout, mode, scale, key_padding_mask, q_perm, kv_perm, smooth_v)

@@ -429,7 +429,7 @@ def plan_spatiotemporal(
     with one host sync (the class histogram: range check, whether any head is temporal, the list width and
     the mean density).
     """
-    from sagevideo.sparse.blocks import BlockLayout, _aligned_flag
+    from sagevideo.sparse.blocks import BlockLayout, _kv_geometry
 
     device = head_classes.device if device is None else torch.device(device)
     maps = spatiotemporal_maps(layout, block_m=block_m, block_n=block_n, density=density, width=width, radius=radius)
@@ -437,9 +437,9 @@ def plan_spatiotemporal(
     cls = head_classes.to(device=device, dtype=torch.int64)
     b, h = cls.shape
     bad = ((cls < 0) | (cls > 2)).any().reshape(1)
-    aligned = _aligned_flag(lists["k_start"], lists["k_len"]).to(device=device, dtype=torch.int64).reshape(1)
+    geometry = _kv_geometry(lists["k_start"], lists["k_len"]).to(device)
     stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64),
-                       aligned]).tolist()
+                       geometry]).tolist()
     if stats[3]:
         raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
     present = [c for c in range(3) if stats[c] > 0]
@@ -452,7 +452,7 @@ def plan_spatiotemporal(
     block_layout = BlockLayout(
         expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
         expand(lists["k_len"], nk), lists["index"][:, :, :maxk][cls].contiguous(), lists["count"][cls].contiguous(),
-        block_m, block_n, kv_aligned=bool(stats[4]),
+        block_m, block_n, kv_aligned=bool(stats[4]), kv_reach=int(stats[5]),
     )
     q_perm = kv_perm = None
     if stats[HEAD_TEMPORAL]:

@@ -93,13 +93,14 @@ def _bhsd(t, tensor_layout):
     return t
 
 
-def _blocks_with_text(sizes, block, layout: TokenLayout, device):
-    """Cluster blocks of the video segment (absolute starts) plus uniform text blocks, in sequence order.
+def _blocks_with_text(sizes, block, layout: TokenLayout, device, align: int = 1):
+    """Cluster blocks of the video segment (absolute starts, cut at multiples of ``align``: 16 on the KV side,
+    so the kernel reads every block with aligned loads) plus uniform text blocks, in sequence order.
     Returns ``(start, len, cluster)`` int ``(B, H, N)``; text blocks have cluster -2, padding slots -1."""
     from sagevideo.sparse.blocks import cluster_blocks
 
-    start, length, cluster = cluster_blocks(sizes, block)
-    start = start.to(device=device, dtype=torch.int64) + layout.video_start
+    start, length, cluster = cluster_blocks(sizes, block, align=align, offset=layout.video_start)
+    start = start.to(device=device, dtype=torch.int64)
     length = length.to(device=device, dtype=torch.int64)
     cluster = cluster.to(device=device, dtype=torch.int64)
     if not layout.text_len:
@@ -187,7 +188,7 @@ def plan_semantic(
     q_sizes = qk.sizes.reshape(b, hq, cq)
     k_sizes = kk.sizes.reshape(b, hk, ck)
     q_start, q_len, q_cl = _blocks_with_text(q_sizes, block_m, layout, device)
-    k_start, k_len, k_cl = _blocks_with_text(k_sizes, block_n, layout, device)
+    k_start, k_len, k_cl = _blocks_with_text(k_sizes, block_n, layout, device, align=16)
     if g > 1:
         k_start, k_len, k_cl = (x.repeat_interleave(g, dim=1) for x in (k_start, k_len, k_cl))
         k_sizes_q = k_sizes.repeat_interleave(g, dim=1)
