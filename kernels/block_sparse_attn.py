@@ -252,11 +252,12 @@ _chosen: dict[tuple, dict] = {}
 
 def tile_sizes(block_m: int, block_n: int) -> tuple[int, int]:
     """The kernel's (BLOCK_M, BLOCK_N) for a layout's (block_m, block_n): one query block per program (the
-    next power of two ≥ 16), KV tiles of at most ``MAX_TILE_N`` keys (longer KV blocks take several)."""
+    next power of two ≥ 16), KV tiles of 32 to ``MAX_TILE_N`` keys (longer KV blocks take several; 32 is the
+    least K of an 8-bit tensor-core product, here FP8 P·V, on sm89/sm90: smaller KV blocks get masked keys)."""
     if block_m > MAX_BLOCK_M:
         raise ValueError(f"block-sparse kernel: query blocks of at most {MAX_BLOCK_M} rows, got block_m={block_m}")
     bm = max(16, triton.next_power_of_2(block_m))
-    bn = max(16, min(MAX_TILE_N, triton.next_power_of_2(block_n)))
+    bn = max(32, min(MAX_TILE_N, triton.next_power_of_2(block_n)))
     return bm, bn
 
 

@@ -101,7 +101,7 @@ def attention_exact(
 class QuantizedQKV:
     """Quantized Q, K, V and their scales, as the attention kernels read them.
 
-    Shapes (``Dp`` = head_dim rounded up to a power of two ≥ 16 in the Triton path; the torch reference
+    Shapes (``Dp`` = head_dim rounded up to a power of two ≥ 32 in the Triton path; the torch reference
     keeps ``D``):
 
     * ``q``: int8 ``(B, Hq, Sq, Dp)``; ``q_scale``: fp32 ``(B, Hq, Sq)`` including ``scale·log2(e)``
