@@ -66,13 +66,22 @@ def test_full_density_equals_dense(method, text):
     if text:
         kpm = torch.ones(2, s, dtype=torch.bool)
         kpm[1, tx[0] + 4 : tx[0] + n_text] = False  # padded text of the second prompt
+    state = SparseState()
     out, lse = sparse_attention(
         q, k, v, grid=grid, text=tx, method=method, density=1.0, top_p=1.0, q_clusters=5, k_clusters=8,
-        precision="dense", key_padding_mask=kpm, return_lse=True, **SMALL,
+        precision="dense", key_padding_mask=kpm, return_lse=True, state=state, **SMALL,
     )
     ref, ref_lse = attention(q, k, v, precision="dense", key_padding_mask=kpm, return_lse=True)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-5)
+    # a plan keeping every block runs the dense op (the block-sparse kernel walking every block is checked
+    # against it in tests/test_block_sparse.py); a sparser one does not
+    assert state.last_density == 1.0 and state.dense_calls == 1
+    sparse_attention(q, k, v, grid=grid, text=tx, method=method, density=0.3, top_p=0.5, q_clusters=5,
+                     k_clusters=8, precision="dense", key_padding_mask=kpm, state=state, **SMALL)
+    # (random inputs: spatiotemporal profiling may keep every head dense; semantic top-p 0.5 keeps fewer blocks)
+    assert state.dense_calls == state.report()["dense_calls"] == 1 + (state.last_density >= 1.0)
+    assert method == "spatiotemporal" or state.last_density < 1.0
 
 
 def test_bshd_gqa_and_lse_layout_match_bhsd():
