@@ -22,8 +22,8 @@ S=119056 = 33×45×80 latent + 256 text tokens, D=128). Inputs have locality: Q 
 over the (T, H, W) grid plus noise (with sagevideo.testing's structure: a per-channel K offset, outlier
 channels, a V bias), so nearby tokens attend to each other. Block lists follow a local window: tokens are
 grouped in (2, 8, 8) tiles (128 tokens; edge tiles are smaller: clusters of unequal size, cut by
-``cluster_blocks(..., align=16)``), and each query block keeps the KV blocks whose tile centres are nearest (time weighted
-×2), as many as the density asks; text tokens attend to and are attended by everything.
+``cluster_blocks(..., align=16)``), and each query block keeps the KV blocks whose tile centres are nearest
+(time weighted ×2), as many as the density asks; text tokens attend to and are attended by everything.
 
 Timing: CUDA events around each call, after warm-up, median of ``--reps`` calls cycling through ``--fresh``
 input sets (so no call reuses the previous call's operands from L2). Throughput is the dense work
@@ -270,8 +270,8 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
             ms = measure(sparse, sets, warmup=warmup, reps=reps, cuda=cuda)
             add(f"sparse {precision}", layout.density, ms, sparse(sets[0]), mask_rows, target=density,
-                note=f"perm {perm_kind}; KV blocks 16-aligned: {aligned}; incl. quantization, no layout check; layout built in "
-                     f"{build_ms:.0f} ms (not timed)")
+                note=f"perm {perm_kind}; KV blocks 16-aligned: {aligned}; incl. quantization, no layout check; "
+                     f"layout built in {build_ms:.0f} ms (not timed)")
         del layout, mask_rows
 
     # the methods end to end: pattern search + permutation (plan_sparse, warm state as in steps after the first)

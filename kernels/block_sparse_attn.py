@@ -6,9 +6,9 @@ each ``k_len`` keys starting at ``k_start`` (cut into tiles of ``BLOCK_N``; rows
 length are masked), so the work scales with the kept blocks and blocks may have any length up to the tile:
 the layout a token permutation into clusters of unequal size produces (each cluster cut into chunks of at
 most ``block_m``/``block_n`` tokens). Quantized KV blocks that do not start at multiples of 16 keys are read
-through a 16-key-aligned window one tile wide (``KV_WINDOW``, :func:`kv_tile`), which keeps the loads wide. The block lists follow Sparse VideoGen / Sparse VideoGen2 (Xi et al.
-2025; Yang et al. 2025), the quantized arithmetic SageAttention2 (Zhang et al. 2024) exactly as
-``kernels/quant_attn.py`` does it:
+through a 16-key-aligned window one tile wide (``KV_WINDOW``, :func:`kv_tile`), which keeps the loads wide.
+The block lists follow Sparse VideoGen / Sparse VideoGen2 (Xi et al. 2025; Yang et al. 2025), the quantized
+arithmetic SageAttention2 (Zhang et al. 2024) exactly as ``kernels/quant_attn.py`` does it:
 
 * ``int8-fp8`` / ``int8-fp16``: Q and K in INT8 with per-token scales (K smoothed), read from the output of
   ``kernels/quantize.py``, which already holds them in the permuted order (the quantization pass gathers
@@ -261,7 +261,8 @@ def tile_sizes(block_m: int, block_n: int) -> tuple[int, int]:
     return bm, bn
 
 
-def kv_tile(block_n: int, kv_aligned: bool, kv_reach: int | None = None, quantized: bool = True) -> tuple[int, bool]:
+def kv_tile(block_n: int, kv_aligned: bool, kv_reach: int | None = None,
+            quantized: bool = True) -> tuple[int, bool]:
     """``(BLOCK_N, window)``: the KV tile the kernel walks a layout's KV blocks with, and whether it reads them
     through an aligned window.
 
@@ -271,10 +272,11 @@ def kv_tile(block_n: int, kv_aligned: bool, kv_reach: int | None = None, quantiz
     ``k_start % 16 + k_len``; unknown = ``block_n + 15``), each block is read as that tile from there, the
     keys outside the block masked; otherwise with byte-wise loads. Clusters cut by
     ``sagevideo.sparse.blocks.cluster_blocks(..., align=16)`` always fit.
-    A wider tile for the window was measured not to pay (H100, Wan2.1-1.3B semantic layouts, 2026-11-24:
-    block_n 64 through a 128-key window 7.28 ms against 7.47; block_n 32 through 64 keys 6.94 against 5.86;
-    block_n 48 through its own 64-key tile 5.34 against 8.08). The quantization pass must leave at least
-    ``BLOCK_N`` zeroed keys after the sequence (``kv_tail``) for the window."""
+    Measured on an H100 (Wan2.1-1.3B semantic layouts, 2026-11-24): 64-key blocks cut with ``align=16``
+    5.09 ms through the window against 7.61 byte-wise; a window wider than the natural tile does not pay
+    (plain 64-key blocks through 128 keys 7.28 against 7.47; 32-key blocks through 64 keys 6.94 against
+    5.86). The quantization pass must leave at least ``BLOCK_N`` zeroed keys after the sequence
+    (``kv_tail``) for the window."""
     bn = tile_sizes(1, block_n)[1]
     if not quantized or kv_aligned:
         return bn, False

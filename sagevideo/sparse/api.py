@@ -74,7 +74,8 @@ class SparseState:
     1 spatial, 2 temporal) and ``profiled_at`` (the step, or call index, of that profiling); ``q_centroids`` /
     ``k_centroids`` ``(B·H, C, D)``; ``plan`` (the last :class:`SparsePlan`). Counters: ``calls``,
     ``profiles`` (profiling runs), ``clusterings`` (k-means runs), ``dense_calls`` (calls whose plan kept every
-    block, run by the dense op), ``last_density`` (:meth:`report` adds the mean over calls). ``max_slots`` input signatures are remembered (least recently used dropped).
+    block, run by the dense op), ``last_density`` (:meth:`report` adds the mean over calls). ``max_slots``
+    input signatures are remembered (least recently used dropped).
     """
 
     def __init__(self, max_slots: int = 4):
