@@ -174,3 +174,45 @@ def test_block_maps_never_need_s_by_s():
     # SVG's band for d = 0.25 at this shape is about ±2.8 frames; ours is the block-exact smallest band
     assert maps.width == 2 and 0.25 <= maps.spatial_density < 0.35
     assert 0.25 <= maps.temporal_density < 0.35
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_sequence_blocks_aligned_cuts(text_first):
+    """``sequence_blocks(align=16)``: the same rows, in order, each segment cut separately, every block within
+    ``block`` rows of the multiple of 16 at or below its start (what the quantized kernel needs for aligned
+    loads); ``align=1`` is the plain cut, whose blocks after an unaligned segment start reach further."""
+    n_text, video = 226, 3 * 5 * 7
+    lay = P.token_layout((3, 5, 7), video + n_text, (0, n_text) if text_first else (video, n_text))
+    for align in (1, 16):
+        st, ln, tx = P.sequence_blocks(lay, 64, align=align)
+        assert st[0] == 0 and torch.equal(st[1:], (st + ln)[:-1]) and int((st + ln)[-1]) == video + n_text
+        assert (ln > 0).all() and (ln <= 64).all()
+        text_rows = torch.zeros(video + n_text, dtype=torch.bool)
+        text_rows[lay.text_start:lay.text_start + n_text] = True
+        for a, n, t in zip(st.tolist(), ln.tolist(), tx.tolist()):
+            assert bool(text_rows[a:a + n].all()) == t and bool(text_rows[a:a + n].any()) == t
+        reach = int((st % 16 + ln).max())
+        if align == 16:
+            assert reach <= 64
+        else:
+            assert reach > 64  # the segment after the first starts at 226 or 105: not a multiple of 16
+    with pytest.raises(ValueError, match="align"):
+        P.sequence_blocks(lay, 64, align=24)
+
+
+def test_plans_cut_kv_blocks_for_aligned_loads():
+    """The spatiotemporal and semantic plans of a CogVideoX-like sequence (226 text tokens first, so the video
+    starts off a multiple of 16) give layouts whose KV blocks all fit the kernel's aligned window."""
+    from sagevideo.kernels import block_sparse_attn
+    from sagevideo.sparse.api import plan_sparse
+
+    grid, n_text = (2, 6, 8), 226
+    s = 96 + n_text
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, s, 32, generator=g) for _ in range(3))
+    for method in ("spatiotemporal", "semantic"):
+        p = plan_sparse(q, k, v, grid=grid, text=(0, n_text), method=method, density=0.5, q_clusters=4,
+                        k_clusters=6, block_m=32, block_n=32)
+        aligned, reach = p.layout.kv_geometry()
+        assert reach <= 32, (method, reach)
+        assert aligned or block_sparse_attn.kv_tile(32, aligned, reach)[1]  # aligned loads, or the window

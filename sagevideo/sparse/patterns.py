@@ -149,25 +149,32 @@ def sequence_perm(layout: TokenLayout, temporal: bool, device=None) -> torch.Ten
     return perm
 
 
-def _segment_blocks(start: int, length: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    starts = torch.arange(start, start + length, block, dtype=torch.int64)
-    lens = torch.clamp(start + length - starts, max=block)
+def _segment_blocks(start: int, length: int, block: int, align: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    origin = start - start % align  # cuts at origin + k·block (align=1: at the segment start)
+    cuts = torch.arange(origin, start + length, block, dtype=torch.int64)
+    starts = cuts.clamp(min=start)
+    lens = torch.clamp(cuts + block, max=start + length) - starts
     return starts, lens
 
 
-def sequence_blocks(layout: TokenLayout, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocks of the (permuted) sequence: the video and the text segments are cut separately into blocks of
-    ``block`` tokens (the last one of each may be short). Returns CPU int64 ``(start, len, is_text)``, ``(N,)``
-    each, in sequence order."""
+def sequence_blocks(layout: TokenLayout, block: int, align: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks of the (permuted) sequence: the video and the text segments are cut separately into blocks of at
+    most ``block`` tokens (the last one of each may be short). With ``align`` > 1 (a divisor of ``block``) the
+    cuts fall at multiples of ``block`` from the multiple of ``align`` at or below each segment's start, so a
+    segment starting off a multiple of 16 (CogVideoX's video after 226 text tokens) still gives KV blocks the
+    quantized kernel reads with aligned loads (its first block is shorter). Returns CPU int64
+    ``(start, len, is_text)``, ``(N,)`` each, in sequence order."""
     if block <= 0:
         raise ValueError(f"block size must be positive, got {block}")
+    if align <= 0 or block % align:
+        raise ValueError(f"align must be a positive divisor of the block size {block}, got {align}")
     segments = [(layout.video_start, layout.video_len, False)]
     if layout.text_len:
         segments.append((layout.text_start, layout.text_len, True))
     segments.sort(key=lambda s: s[0])
     starts, lens, text = [], [], []
     for s, n, is_text in segments:
-        st, ln = _segment_blocks(s, n, block)
+        st, ln = _segment_blocks(s, n, block, align)
         starts.append(st)
         lens.append(ln)
         text.append(torch.full_like(st, int(is_text), dtype=torch.bool))
@@ -320,7 +327,8 @@ class SpatioTemporalMaps:
 def _maps_cached(grid, video_start, text_start, text_len, block_m, block_n, density, width, radius):
     layout = TokenLayout(grid=grid, video_start=video_start, text_start=text_start, text_len=text_len)
     qs, ql, qt = sequence_blocks(layout, block_m)
-    ks, kl, kt = sequence_blocks(layout, block_n)
+    # KV blocks cut at multiples of 16 rows (aligned loads in the quantized kernel, BlockLayout.kv_reach)
+    ks, kl, kt = sequence_blocks(layout, block_n, align=16 if block_n % 16 == 0 else 1)
     qv, kv = ~qt, ~kt
     # offsets relative to the first video token, video blocks only
     qvs, qvl = qs[qv] - video_start, ql[qv]

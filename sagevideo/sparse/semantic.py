@@ -105,7 +105,8 @@ def _blocks_with_text(sizes, block, layout: TokenLayout, device, align: int = 1)
     cluster = cluster.to(device=device, dtype=torch.int64)
     if not layout.text_len:
         return start, length, cluster
-    ts, tl, is_text = sequence_blocks(TokenLayout(text_start=layout.text_start, text_len=layout.text_len), block)
+    ts, tl, is_text = sequence_blocks(TokenLayout(text_start=layout.text_start, text_len=layout.text_len), block,
+                                      align=align if block % align == 0 else 1)
     ts, tl = ts[is_text].to(device), tl[is_text].to(device)
     b, h, _ = start.shape
     t_start = ts.expand(b, h, -1)
