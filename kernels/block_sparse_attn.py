@@ -195,17 +195,14 @@ def _block_sparse_fwd(
             # unaligned blocks: read the BLOCK_N keys from the multiple of 16 at or below the block start (a
             # tile the host sized to hold any block from there) and mask the keys outside the block, so the
             # loads stay 16 bytes wide; the keys read before the block get exactly zero weight
-            k0a = tl.multiple_of((k0 // 16) * 16, 16)
-            cols = k0a + offs_n
+            cols = tl.multiple_of((k0 // 16) * 16, 16) + offs_n
+            n_ok = (cols >= k0) & (cols < k0 + k_len)
+        else:
+            cols = k0 + offs_n
+            n_ok = offs_n < k_len
+        if KV_WINDOW or SINGLE_TILE:
             acc, l_i, m_i = _sparse_tile(
-                acc, l_i, m_i, q, qs, cols, (cols >= k0) & (cols < k0 + k_len), b, bh,
-                K, KS, V, MASK, KIDX,
-                k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
-                Skv, ks_stride, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N, KV_UNMASKED,
-            )
-        elif SINGLE_TILE:
-            acc, l_i, m_i = _sparse_tile(
-                acc, l_i, m_i, q, qs, k0 + offs_n, offs_n < k_len, b, bh,
+                acc, l_i, m_i, q, qs, cols, n_ok, b, bh,
                 K, KS, V, MASK, KIDX,
                 k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd, stride_mb, stride_mn,
                 Skv, ks_stride, offs_d, d_ok, MODE, HAS_MASK, PERM_KV, DOT_IEEE, BLOCK_N, KV_UNMASKED,

@@ -406,6 +406,8 @@ def _class_lists(maps: SpatioTemporalMaps, block_m: int, block_n: int, device: t
             "k_start": k_start[0, 0].to(device), "k_len": k_len[0, 0].to(device),
             "index": index.to(device), "count": torch.stack([lay.kv_count[0, 0] for lay in lists]).to(device),
             "maxk": maxk,
+            # the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach), the same for every class
+            "kv_geometry": (lists[0].kv_aligned, lists[0].kv_reach),
             "density": [float(block_density(keep, maps.q_len, maps.k_len)) for keep in keeps],
         }
         cache[key]["density_t"] = torch.tensor(cache[key]["density"], dtype=torch.float64).to(device)
@@ -437,7 +439,7 @@ def plan_spatiotemporal(
     with one host sync (the class histogram: range check, whether any head is temporal, the list width and
     the mean density).
     """
-    from sagevideo.sparse.blocks import BlockLayout, _kv_geometry
+    from sagevideo.sparse.blocks import BlockLayout
 
     device = head_classes.device if device is None else torch.device(device)
     maps = spatiotemporal_maps(layout, block_m=block_m, block_n=block_n, density=density, width=width, radius=radius)
@@ -445,9 +447,7 @@ def plan_spatiotemporal(
     cls = head_classes.to(device=device, dtype=torch.int64)
     b, h = cls.shape
     bad = ((cls < 0) | (cls > 2)).any().reshape(1)
-    geometry = _kv_geometry(lists["k_start"], lists["k_len"]).to(device)
-    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64),
-                       geometry]).tolist()
+    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64)]).tolist()
     if stats[3]:
         raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
     present = [c for c in range(3) if stats[c] > 0]
@@ -460,7 +460,7 @@ def plan_spatiotemporal(
     block_layout = BlockLayout(
         expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
         expand(lists["k_len"], nk), lists["index"][:, :, :maxk][cls].contiguous(), lists["count"][cls].contiguous(),
-        block_m, block_n, kv_aligned=bool(stats[4]), kv_reach=int(stats[5]),
+        block_m, block_n, kv_aligned=lists["kv_geometry"][0], kv_reach=lists["kv_geometry"][1],
     )
     q_perm = kv_perm = None
     if stats[HEAD_TEMPORAL]:
