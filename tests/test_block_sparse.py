@@ -17,6 +17,7 @@ import torch
 
 import sagevideo
 from sagevideo import reference
+from sagevideo.kernels import block_sparse_attn
 from sagevideo.sparse import blocks
 from sagevideo.sparse.blocks import (
     BlockLayout,
@@ -299,8 +300,6 @@ KERNEL_CASES = [(1, 2, 70, 70, 32, 16, 16), (2, 2, 45, 83, 16, 32, 80), (1, 2, 5
 def test_kernel_matches_reference_and_exact(case, precision, monkeypatch):
     b, h, sq, skv, d, bm, bn = case
     if bn > 64:
-        from sagevideo.kernels import block_sparse_attn
-
         monkeypatch.setattr(block_sparse_attn, "MAX_TILE_N", 64)
         assert not block_sparse_attn.tile_sizes(bm, bn)[1] >= bn
     q, k, v = structured_qkv(b, h, h, sq, skv, d, dtype=torch.float16, seed=sq + d)
@@ -790,6 +789,12 @@ def test_bad_inputs_raise_clear_errors():
     huge = block_mask_to_layout(st, ln, st, ln, full, 512, 16)
     with pytest.raises(ValueError, match="block_m=512"):
         run(q, k, v, huge)
+    # the kernel packs a KV block's start and length in one int32 word: the start keeps 31 - bits(block_n) bits
+    wide = block_mask_to_layout(st, ln, st, ln, full, 16, 1 << 27)
+    fields = {f: getattr(wide, f) for f in blocks._LAYOUT_FIELDS}
+    with pytest.raises(ValueError, match="packed block word"):
+        block_sparse_attn.block_sparse_fwd("dense", q, k, v, torch.empty_like(q), **fields, block_m=16,
+                                           block_n=1 << 27)
 
 
 # ----------------------------------------------------------------------------------------------------------
