@@ -14,8 +14,10 @@ For each shape, in one process and on the same inputs:
 * ``sparse <precision> d=<density>``: ``sagevideo.sparse.blocks.block_sparse_attention`` at densities 1.0, 0.5,
   0.3, 0.15, 0.10, 0.05, INCLUDING the quantization pass, which reads the tokens through a permutation
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
-  attends in) and the output store through its inverse; called as ``sparse_attention`` calls it, without the
-  layout check (``check_layout=False``; before 2026-11-24 the rows included the check and its host sync).
+  attends in; ``--perm tile-packed``: the same order cut into full blocks, as in a block-sparse benchmark with
+  random kept blocks) and the output store through its inverse; called as ``sparse_attention`` calls it,
+  without the layout check (``check_layout=False``; before 2026-11-24 the rows included the check and its host
+  sync).
 
 Shapes: Wan2.1-1.3B 480p (B=1, H=12, S=32760 = 21×30×52, D=128), Wan2.1-14B 720p (B=1, H=40, S=75600 = 21×45×80 latent tokens, D=128) and HunyuanVideo 720p (B=1, H=24,
 S=119056 = 33×45×80 latent + 256 text tokens, D=128). Inputs have locality: Q and K are smooth random fields
@@ -132,6 +134,24 @@ def tile_order(grid, extra, tile, device):
     return order.to(device), sizes, centres
 
 
+def packed_order(grid, extra, tile, block, device):
+    """The tile order of :func:`tile_order` cut into consecutive blocks of ``block`` tokens, so every block but
+    the last of the video (and of the text) is full; a block may span two neighbouring tiles. Its centre is the
+    mean position of its tokens. Same return as :func:`tile_order`."""
+    order, _, _ = tile_order(grid, extra, tile, device)
+    t, hh, ww = grid
+    n_video = t * hh * ww
+    vid = order[:n_video].cpu()
+    coords = torch.stack([vid // (hh * ww), (vid // ww) % hh, vid % ww], 1).double()
+    sizes = [min(block, n_video - i) for i in range(0, n_video, block)]
+    centres = torch.stack([c.mean(0) for c in coords.split(sizes)])
+    if extra:
+        text_sizes = [min(block, extra - i) for i in range(0, extra, block)]
+        sizes += text_sizes
+        centres = torch.cat([centres, torch.full((len(text_sizes), 3), float("nan"), dtype=torch.float64)])
+    return order, torch.tensor(sizes), centres
+
+
 def local_layout(b, h, sizes, centres, block, density, device):
     """A BlockLayout keeping, for every query block, the KV blocks of the nearest tiles (``density`` of them)."""
     from sagevideo.sparse.blocks import block_mask_to_layout, cluster_blocks
@@ -212,8 +232,9 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
     rows = torch.randperm(s, generator=g)[:sample_rows].to(device)
     full_ref = sampled_reference(q0, k0, v0, rows)
     flops = _flops(b, h, s, d)
-    if perm_kind == "tile":
-        perm_1d, sizes, centres = tile_order(grid, extra, tile, device)
+    if perm_kind in ("tile", "tile-packed"):
+        order = tile_order if perm_kind == "tile" else lambda *a: packed_order(*a[:3], block, a[3])
+        perm_1d, sizes, centres = order(grid, extra, tile, device)
         perm = perm_1d.view(1, 1, s).expand(b, h, s).contiguous()
     else:  # raster order, no permutation: one "tile" per row of the latent grid (already contiguous)
         _, sizes, centres = tile_order(grid, extra, (1, 1, grid[2]), device)
@@ -353,8 +374,10 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", nargs="*", default=["int8-fp8"], choices=["int8-fp8", "int8-fp16", "dense"],
                     help="block-sparse precisions (default: int8-fp8)")
     ap.add_argument("--densities", nargs="*", type=float, default=list(DENSITIES))
-    ap.add_argument("--perm", choices=["tile", "none"], default="tile",
-                    help="token order the blocks are cut in: 3-D tiles through a permutation, or the raster order")
+    ap.add_argument("--perm", choices=["tile", "tile-packed", "none"], default="tile",
+                    help="token order the blocks are cut in: 3-D tiles through a permutation (one or more blocks "
+                         "per tile, edge tiles give short blocks), the same order cut into full blocks "
+                         "(tile-packed), or the raster order")
     ap.add_argument("--block", type=int, default=128, help="query/KV block size (default 128)")
     ap.add_argument("--reps", type=int, default=30, help="timed calls per provider (median)")
     ap.add_argument("--warmup", type=int, default=5)
