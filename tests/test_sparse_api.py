@@ -317,6 +317,48 @@ def test_kmeans_every_reuses_plan_unless_selection_changes():
     assert st.plan.info["warm_start"] is True  # same slot: the centroids carried over
 
 
+@pytest.mark.parametrize("layout", ["BHSD", "BSHD"])
+def test_dense_heads_split_from_sparse_heads_give_the_plans_attention(layout, monkeypatch):
+    # head 2 attends broadly: profiling keeps it dense, and sparse_attention runs it through the dense op
+    # while the spatial and temporal heads go through the block-sparse path; the result must be the plan's
+    # attention (every head, both batch entries, the key mask and the LSE) as one block-sparse call gives it
+    grid = (6, 8, 8)
+    lengths = [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7), (100.0, 100.0, 100.0)]
+    a = _field_qkv(grid, lengths, seed=0)
+    b = _field_qkv(grid, lengths[::-1], seed=1)
+    q, k, v = (torch.cat([x, y]) for x, y in zip(a, b))
+    mask = torch.ones(2, q.shape[2], dtype=torch.bool)
+    mask[1, -40:] = False
+    if layout == "BSHD":
+        q, k, v = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    st = SparseState()
+    kw = dict(grid=grid, density=0.25, precision="dense", layout=layout, key_padding_mask=mask, **SMALL)
+    import sagevideo.sparse.blocks as blocks_mod
+
+    seen = []
+    real = blocks_mod.block_sparse_attention
+    monkeypatch.setattr(blocks_mod, "block_sparse_attention", lambda *a, **kw: seen.append(a[3]) or real(*a, **kw))
+    out, lse = sparse_attention(q, k, v, state=st, return_lse=True, **kw)
+    plan = st.plan
+    # the block-sparse call does no work for the dense heads
+    counts = seen[0].kv_count.flatten(0, 1).sum(-1)
+    assert counts[2] == counts[3] == 0 and bool((counts[[0, 1, 4, 5]] > 0).all())
+    assert plan.info["head_classes"].tolist() == [[1, 2, 0], [0, 2, 1]]
+    assert plan.dense_heads == (2, 3) and st.split_calls == 1 and st.dense_calls == 0
+    ref, ref_lse = block_sparse_reference(q, k, v, plan.layout, tensor_layout=layout, precision="dense",
+                                          return_lse=True, key_padding_mask=mask, q_perm=plan.q_perm,
+                                          kv_perm=plan.kv_perm)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    ref_lse = ref_lse if layout == "BHSD" else ref_lse.transpose(1, 2)
+    assert torch.allclose(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    # the dense heads are dense attention, the sparse ones are not
+    full = attention(q, k, v, layout=layout, precision="dense", key_padding_mask=mask)
+    pick = (lambda x, i, j: x[i, j]) if layout == "BHSD" else (lambda x, i, j: x[i, :, j])
+    for i, j in ((0, 2), (1, 0)):
+        assert torch.allclose(pick(out, i, j), pick(full, i, j), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pick(out, 0, 0), pick(full, 0, 0), atol=1e-3)
+
+
 def test_batch_entries_get_different_plans():
     grid = (6, 8, 8)
     a = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)], seed=0)

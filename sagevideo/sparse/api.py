@@ -52,7 +52,11 @@ DEFAULT_DENSITY = 0.25  # SVG1's "--sparsity 0.25", which is the kept fraction
 DEFAULT_KMEANS_ITERS = 2  # SVG2: warm-started rounds per call
 DEFAULT_KMEANS_INIT_ITERS = 50  # SVG2: rounds of the first (cold) call
 DEFAULT_BLOCK_M = 128
-DEFAULT_BLOCK_N = 64
+# KV block size per method. Spatiotemporal plans cut full blocks, where 128-key tiles run fastest; semantic key
+# clusters are ragged and 64-key blocks waste less on their short tails. H100, Wan2.1-1.3B 480p / 14B 720p,
+# int8-fp8, 2026-11-24: spatial+temporal heads at density 0.25, 3.79 / 63.5 ms with 128 against 4.63 / 70.3
+# with 64; semantic (k-means and top-p defaults) 9.73 / 58.5 ms with 64 against 12.18 / 77.1 with 128.
+DEFAULT_BLOCK_N = {"spatiotemporal": 128, "semantic": 64}
 
 
 @dataclasses.dataclass
@@ -74,7 +78,8 @@ class SparseState:
     1 spatial, 2 temporal) and ``profiled_at`` (the step, or call index, of that profiling); ``q_centroids`` /
     ``k_centroids`` ``(B·H, C, D)``; ``plan`` (the last :class:`SparsePlan`). Counters: ``calls``,
     ``profiles`` (profiling runs), ``clusterings`` (k-means runs), ``dense_calls`` (calls whose plan kept every
-    block, run by the dense op), ``last_density`` (:meth:`report` adds the mean over calls). ``max_slots``
+    block, run by the dense op), ``split_calls`` (calls whose dense heads went through the dense op and the
+    others through the block-sparse kernel), ``last_density`` (:meth:`report` adds the mean over calls). ``max_slots``
     input signatures are remembered (least recently used dropped).
     """
 
@@ -88,6 +93,7 @@ class SparseState:
         self.profiles = 0
         self.clusterings = 0
         self.dense_calls = 0
+        self.split_calls = 0
         self.last_density: float | None = None
         self._density_sum = 0.0
 
@@ -123,6 +129,7 @@ class SparseState:
             "profiles": self.profiles,
             "clusterings": self.clusterings,
             "dense_calls": self.dense_calls,
+            "split_calls": self.split_calls,
             "last_density": self.last_density,
             "mean_density": self._density_sum / self.calls if self.calls else None,
         }
@@ -173,11 +180,12 @@ def plan_sparse(
     step: int | None = None,
     seed: int = 0,
     block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
 ) -> SparsePlan:
     """The :class:`SparsePlan` (block layout and permutations) :func:`sparse_attention` would run, without
     running attention. ``v`` is needed by ``"spatiotemporal"`` when it profiles. Arguments as in
     :func:`sparse_attention`; with a ``state``, its caches are used and updated exactly as there."""
+    block_n = DEFAULT_BLOCK_N.get(method, 64) if block_n is None else block_n
     _check_common(method, density, top_p, block_m, block_n)
     s_axis = 2 if layout == "BHSD" else 1
     tl = token_layout(grid, q.shape[s_axis], text)
@@ -238,6 +246,31 @@ def plan_sparse(
     return p
 
 
+def _dense_heads_into(out, lse, q, k, v, heads, layout, dense_kw) -> None:
+    """Attention of the (batch, head) pairs ``heads`` (flat ``b·H + h``) through the dense op, written into
+    ``out`` (q's layout) and ``lse`` (``(B, H, S)`` or None). The pairs are gathered as a batch of one-head
+    sequences (a copy of their Q, K and V), each with its batch entry's key mask."""
+    from sagevideo.ops import attention
+
+    h = q.shape[1] if layout == "BHSD" else q.shape[2]
+    idx = torch.tensor(heads, device=q.device)
+    bi, hi = idx // h, idx % h
+
+    def pick(t):  # (n, 1, S, D)
+        return (t[bi, hi] if layout == "BHSD" else t[bi, :, hi]).unsqueeze(1)
+
+    mask = dense_kw["key_padding_mask"]
+    res = attention(pick(q), pick(k), pick(v), layout="BHSD", **{**dense_kw, "key_padding_mask":
+                                                                 None if mask is None else mask[bi]})
+    o, l = res if dense_kw["return_lse"] else (res, None)
+    if layout == "BHSD":
+        out[bi, hi] = o[:, 0]
+    else:
+        out[bi, :, hi] = o[:, 0]
+    if lse is not None:
+        lse[bi, hi] = l[:, 0]
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -267,7 +300,7 @@ def sparse_attention(
     step: int | None = None,
     seed: int = 0,
     block_m: int = DEFAULT_BLOCK_M,
-    block_n: int = DEFAULT_BLOCK_N,
+    block_n: int | None = None,
     check_layout: bool = False,
 ):
     """Sparse (and optionally quantized) joint self-attention over video tokens plus optional text tokens.
@@ -299,8 +332,9 @@ def sparse_attention(
         state: a :class:`SparseState` to reuse head classes / centroids across calls; None = fresh each call.
         step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None.
         seed: seeds the profiling rows and the cold k-means initialisation (deterministic results).
-        block_m, block_n: query / key block sizes of the kernel (semantic key clusters are cut at multiples of
-            16 rows, so the kernel reads every KV block with aligned loads).
+        block_m, block_n: query / key block sizes of the kernel; ``block_n`` None = the method's default
+            (``DEFAULT_BLOCK_N``: 128 spatiotemporal, 64 semantic). Semantic key clusters are cut at multiples
+            of 16 rows, so the kernel reads every KV block with aligned loads.
         check_layout: let ``block_sparse_attention`` validate the plan (one host sync; tests and debugging —
             the plans built here are valid by construction).
 
@@ -324,26 +358,35 @@ def sparse_attention(
     st.calls += 1
     st.last_density = p.density
     st._density_sum += p.density
-    if p.density >= 1.0:
+    b, hq = q.shape[0], q.shape[3 - s_axis]
+    dense_kw = dict(precision=precision, scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask,
+                    smooth_v=smooth_v)
+    if p.density >= 1.0 or len(p.dense_heads) == b * hq:
         # every block kept (e.g. every head profiled dense): the same attention, and the dense op is faster
         # than the block-sparse kernel walking every block (1.08x against 0.72x SDPA-cuDNN at Wan2.1-14B 720p,
         # H100, 2026-11-24)
         from sagevideo.ops import attention
 
         st.dense_calls += 1
-        return attention(q, k, v, layout=layout, precision=precision, scale=scale, return_lse=return_lse,
-                         key_padding_mask=key_padding_mask, smooth_v=smooth_v)
-    if k.shape[3 - s_axis] != q.shape[3 - s_axis]:  # the block-sparse kernel is multi-head only
-        group = q.shape[3 - s_axis] // k.shape[3 - s_axis]
+        return attention(q, k, v, layout=layout, **dense_kw)
+    if k.shape[3 - s_axis] != hq:  # the block-sparse kernel is multi-head only
+        group = hq // k.shape[3 - s_axis]
         k = k.repeat_interleave(group, dim=3 - s_axis)
         v = v.repeat_interleave(group, dim=3 - s_axis)
+    block_layout = p.layout
+    if p.dense_heads:  # their block lists emptied here; they go through the dense op below
+        count = block_layout.kv_count.clone()
+        count.view(b * hq, -1)[torch.tensor(p.dense_heads, device=count.device)] = 0
+        block_layout = dataclasses.replace(block_layout, kv_count=count)
     res = block_sparse_attention(
-        q, k, v, p.layout, tensor_layout=layout, precision=precision, scale=scale, return_lse=return_lse,
-        key_padding_mask=key_padding_mask, q_perm=p.q_perm, kv_perm=p.kv_perm, smooth_v=smooth_v,
-        check_layout=check_layout,
+        q, k, v, block_layout, tensor_layout=layout, q_perm=p.q_perm, kv_perm=p.kv_perm, check_layout=check_layout,
+        **dense_kw,
     )
+    out, lse = res if return_lse else (res, None)
+    if p.dense_heads:
+        st.split_calls += 1
+        _dense_heads_into(out, lse, q, k, v, p.dense_heads, layout, dense_kw)
     if not return_lse:
-        return res
-    out, lse = res
+        return out
     # sagevideo.attention's convention: LSE (B, H, S) for BHSD, (B, S, H) for BSHD
     return out, (lse if layout == "BHSD" else lse.transpose(1, 2))

@@ -73,6 +73,9 @@ class SparsePlan:
             ``perm[b, h, s]``; None when the permutation is the identity for every head.
         density: fraction of the QKᵀ token pairs computed, averaged over (batch, head).
         info: method-specific details (head classes, window widths, centroids, ...).
+        dense_heads: flat indices ``b·H + h`` of the heads whose every block is kept (e.g. heads profiled
+            dense): :func:`sagevideo.sparse_attention` runs them through the dense op, which is faster than the
+            block-sparse kernel walking every block.
     """
 
     layout: Any
@@ -80,6 +83,7 @@ class SparsePlan:
     kv_perm: torch.Tensor | None
     density: float
     info: dict = dataclasses.field(default_factory=dict)
+    dense_heads: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -447,7 +451,9 @@ def plan_spatiotemporal(
     cls = head_classes.to(device=device, dtype=torch.int64)
     b, h = cls.shape
     bad = ((cls < 0) | (cls > 2)).any().reshape(1)
-    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64)]).tolist()
+    is_dense = (cls == HEAD_DENSE).flatten().to(torch.int64)
+    stats = torch.cat([torch.bincount(cls.clamp(0, 2).flatten(), minlength=3), bad.to(torch.int64), is_dense])
+    stats = stats.tolist()  # the plan's one host sync
     if stats[3]:
         raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
     present = [c for c in range(3) if stats[c] > 0]
@@ -479,4 +485,5 @@ def plan_spatiotemporal(
         "density_per_head": density_bh,
     }
     mean_density = sum(stats[c] * per_class[c] for c in range(3)) / max(1, b * h)
-    return SparsePlan(block_layout, q_perm, kv_perm, float(mean_density), info)
+    dense_heads = tuple(i for i, f in enumerate(stats[4:]) if f)
+    return SparsePlan(block_layout, q_perm, kv_perm, float(mean_density), info, dense_heads)

@@ -224,4 +224,6 @@ def plan_semantic(
         "iters": qk.iters,
         "density_per_head": density_bh,
     }
-    return SparsePlan(block_layout, q_perm, kv_perm, float(density_bh.mean()), info)
+    per_head = density_bh.flatten().tolist()
+    dense_heads = tuple(i for i, x in enumerate(per_head) if x >= 1.0)
+    return SparsePlan(block_layout, q_perm, kv_perm, sum(per_head) / max(1, len(per_head)), info, dense_heads)
