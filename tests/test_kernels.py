@@ -143,32 +143,33 @@ def test_fp8_pv_two_level_accumulation_long_sequence():
 
 
 def test_pick_fastest_times_once_skips_failures_and_falls_back(monkeypatch):
-    """The shared first-use tuning of the kernels: fastest runnable candidate, cached per (capability, key)."""
-    import triton.testing
+    """The shared first-use tuning of the kernels: fastest runnable candidate by the median of interleaved
+    rounds (one slow run does not decide), cached per (capability, key)."""
+    from sagevideo.kernels import _autotune
+    from sagevideo.kernels._autotune import ROUNDS, pick_fastest
 
-    from sagevideo.kernels._autotune import pick_fastest
-
-    times = {1: 3.0, 2: 1.0, 3: 2.0}
+    # per candidate: an untimed first run, then one time per round; candidate 2 has one slow round
+    times = {1: [0.0] + [3.0] * ROUNDS, 2: [0.0, 9.0] + [1.0] * (ROUNDS - 1), 3: [0.0] + [2.0] * ROUNDS}
     calls = []
 
-    def fake_bench(fn, **kw):
-        return fn()
-
     def launch(cand):
+        n = sum(1 for c in calls if c == cand["id"])
         calls.append(cand["id"])
         if cand["id"] == 2 and cand.get("broken"):
             raise RuntimeError("out of shared memory")
-        return times[cand["id"]]
+        return times[cand["id"]][n % len(times[cand["id"]])]
 
-    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    monkeypatch.setattr(_autotune, "_elapsed_ms", lambda fn, device: fn())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     cuda = torch.device("cuda")
     chosen = {}
     cands = [{"id": 1}, {"id": 2}, {"id": 3}]
     assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
     assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
-    assert calls == [1, 2, 3] and list(chosen) == [((9, 0), "k")]  # timed once
+    assert calls == [1, 2, 3] * (1 + ROUNDS) and list(chosen) == [((9, 0), "k")]  # interleaved, timed once
+    calls.clear()
     broken = [{"id": 1}, {"id": 2, "broken": True}, {"id": 3}]
     assert pick_fastest(chosen, ("other",), cuda, broken, {"id": 0}, launch) == {"id": 3}
+    assert calls == [1, 2, 3] + [1, 3] * ROUNDS  # a candidate that fails its first run is not timed
     assert pick_fastest(chosen, ("none",), cuda, [{"id": 2, "broken": True}], {"id": 0}, launch) == {"id": 0}
     assert pick_fastest(chosen, ("cpu",), torch.device("cpu"), cands, {"id": 0}, launch) == {"id": 0}
