@@ -87,7 +87,6 @@ def _sparse_tile(
             s1 = tl.dot(q, k, input_precision="ieee")
         else:
             s1 = tl.dot(q, k)
-        s1 = tl.where(keep[None, :], s1, float("-inf"))
     else:
         if KV_UNMASKED:
             ks = tl.load(KS + bh * ks_stride + cols)
@@ -95,11 +94,11 @@ def _sparse_tile(
             ks = tl.load(KS + bh * ks_stride + cols, mask=n_ok, other=0.0)
         # int32 → fp32 without I2F: for |x| < 2^22 the bits of x + 0x4B400000 read as a float equal
         # 12582912 + x exactly (|QKᵀ| ≤ 127²·128 < 2^22 for D ≤ 128); subtracting 12582912 is exact too.
-        # The key mask rides on the scale product as an addend per column (0 or −inf): one FMA per score,
-        # what the unmasked product costs, instead of a select on every score.
         qk = tl.dot(q, k, out_dtype=tl.int32)
-        kb = tl.where(keep, 0.0, float("-inf"))
-        s1 = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * ks[None, :] + kb[None, :]
+        s1 = ((qk + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0) * ks[None, :]
+    # A select per score. (Folding the mask into the scale product as a −inf addend per column, one FMA, made
+    # the kernel 10-20 % slower on an H100 at every launch configuration, 2026-11-24.)
+    s1 = tl.where(keep[None, :], s1, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s1, axis=1) * qs)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.math.exp2(m_i - m_safe)
@@ -191,9 +190,9 @@ def _block_sparse_fwd(
     # Each KV block's start and length come packed in one word (start << LEN_BITS | length), read one iteration
     # ahead and carried in the loop: the tile loads then depend on no load of their own iteration, and Triton
     # software-pipelines them over num_stages buffers (read in the same iteration, the two dependent scalar
-    # loads left one buffer and a full wait before every tile). H100, every block kept, full 128-key blocks in
-    # order, INT8/FP8 operands given: Wan2.1-1.3B 11.65 → 10.84 ms (dense kernel 9.86), Wan2.1-14B 236.7 →
-    # 209.7 ms (186.5), with the mask below folded into an FMA (2026-11-24).
+    # loads left one buffer and a full wait before every tile). H100, 2026-11-24, every 128-key block kept at
+    # Wan2.1-14B 720p, INT8/FP8 operands given: 209 ms against the dense kernel's 189 (the loads inside the
+    # iteration took 237 ms in a like probe).
     w_next = tl.load(KV_WORD + bh * NK + tl.load(KV_INDEX + blk_q * MAXK, mask=count > 0, other=0), mask=count > 0)
     for j in range(0, count):
         w = w_next
@@ -253,10 +252,8 @@ CANDIDATES = [
     dict(num_warps=4, num_stages=2),
     dict(num_warps=8, num_stages=3),
     dict(num_warps=8, num_stages=2),
-    dict(num_warps=8, num_stages=4),
     dict(num_warps=4, num_stages=3, SPLIT_M=2),
     dict(num_warps=4, num_stages=2, SPLIT_M=2),
-    dict(num_warps=4, num_stages=4, SPLIT_M=2),
 ]
 _chosen: dict[tuple, dict] = {}
 
