@@ -68,7 +68,10 @@ def test_quantization_pass_matches_reference(precision, shape, masked):
             assert (gv == wv).float().mean() > 0.999
         torch.testing.assert_close(got.v_scale[..., :d], want.v_scale, rtol=1e-6, atol=0)
     else:
-        torch.testing.assert_close(got.v.float(), want.v.float(), rtol=0, atol=0)
+        # 16-bit V − mean: equal except where the fp32 mean (summed in another order on a GPU) moves a value
+        # across an fp16 rounding boundary, by one fp16 step (seen once in 16,640 on an H100)
+        assert (got.v == want.v).float().mean() > 0.999
+        torch.testing.assert_close(got.v.float(), want.v.float(), rtol=2**-10, atol=2**-24)
 
 
 def _run_kernel(q, k, v, precision, mask=None, smooth_v=False):
