@@ -55,7 +55,8 @@ DEFAULT_BLOCK_M = 128
 # KV block size per method. Spatiotemporal plans cut full blocks, where 128-key tiles run fastest; semantic key
 # clusters are ragged and 64-key blocks waste less on their short tails. H100, Wan2.1-1.3B 480p / 14B 720p,
 # int8-fp8, 2026-11-24: spatial+temporal heads at density 0.25, 3.79 / 63.5 ms with 128 against 4.63 / 70.3
-# with 64; semantic (k-means and top-p defaults) 9.73 / 58.5 ms with 64 against 12.18 / 77.1 with 128.
+# with 64; semantic (k-means and top-p defaults) 9.73 / 58.5 ms with 64 against 12.18 / 77.1 with 128 (a build
+# of the kernel with a slower key mask, since reverted; the comparison is between block sizes).
 DEFAULT_BLOCK_N = {"spatiotemporal": 128, "semantic": 64}
 
 
@@ -363,8 +364,8 @@ def sparse_attention(
                     smooth_v=smooth_v)
     if p.density >= 1.0 or len(p.dense_heads) == b * hq:
         # every block kept (e.g. every head profiled dense): the same attention, and the dense op is faster
-        # than the block-sparse kernel walking every block (1.08x against 0.72x SDPA-cuDNN at Wan2.1-14B 720p,
-        # H100, 2026-11-24)
+        # than the block-sparse kernel walking every block (1.07x against 0.96x SDPA-cuDNN at Wan2.1-14B 720p
+        # with full blocks, 0.73x with the short blocks of 3-D tiles; H100, 2026-11-24)
         from sagevideo.ops import attention
 
         st.dense_calls += 1
