@@ -359,6 +359,19 @@ def test_dense_heads_split_from_sparse_heads_give_the_plans_attention(layout, mo
     assert not torch.allclose(pick(out, 0, 0), pick(full, 0, 0), atol=1e-3)
 
 
+def test_default_kv_block_follows_method_and_frame_size():
+    from sagevideo.sparse.api import default_block_n
+
+    assert default_block_n("spatiotemporal", (21, 30, 52)) == 128  # Wan2.1 480p: 1,560 tokens a frame
+    assert default_block_n("spatiotemporal", (9, 16, 16)) == 64  # the bundled model: 256
+    assert default_block_n("spatiotemporal", (2, 32, 32)) == 128 and default_block_n("spatiotemporal", (2, 31, 33)) == 64
+    assert default_block_n("semantic", (21, 30, 52)) == 64
+    for grid, want in (((2, 32, 32), 128), ((2, 8, 8), 64)):
+        q, k, v = _rand(1, 2, math.prod(grid), seed=3)
+        assert plan_sparse(q, k, v, grid=grid, block_m=16).layout.block_n == want
+        assert plan_sparse(q, k, v, grid=grid, block_m=16, block_n=32).layout.block_n == 32
+
+
 def test_batch_entries_get_different_plans():
     grid = (6, 8, 8)
     a = _field_qkv(grid, [(0.3, 100.0, 100.0), (100.0, 0.7, 0.7)], seed=0)
@@ -384,6 +397,8 @@ def test_batch_entries_get_different_plans():
         (dict(grid=(2, 3, 4), density=0.0), "density"),
         (dict(grid=(2, 3, 4), method="semantic", top_p=1.5), "top_p"),
         (dict(grid=(2, 3, 4), precision="fp4"), "precision"),
+        (dict(grid=(2, 3, 4), block_n="64"), "block_n must be an int"),
+        (dict(grid=(2, 3, 4), block_m=8), "block_m must be an int ≥ 16"),
     ],
 )
 def test_bad_input_errors(kwargs, match):

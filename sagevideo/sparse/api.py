@@ -52,12 +52,22 @@ DEFAULT_DENSITY = 0.25  # SVG1's "--sparsity 0.25", which is the kept fraction
 DEFAULT_KMEANS_ITERS = 2  # SVG2: warm-started rounds per call
 DEFAULT_KMEANS_INIT_ITERS = 50  # SVG2: rounds of the first (cold) call
 DEFAULT_BLOCK_M = 128
-# KV block size per method. Spatiotemporal plans cut full blocks, where 128-key tiles run fastest; semantic key
-# clusters are ragged and 64-key blocks waste less on their short tails. H100, Wan2.1-1.3B 480p / 14B 720p,
-# int8-fp8, 2026-11-24: spatial+temporal heads at density 0.25, 3.79 / 63.5 ms with 128 against 4.63 / 70.3
-# with 64; semantic (k-means and top-p defaults) 9.73 / 58.5 ms with 64 against 12.18 / 77.1 with 128 (a build
-# of the kernel with a slower key mask, since reverted; the comparison is between block sizes).
-DEFAULT_BLOCK_N = {"spatiotemporal": 128, "semantic": 64}
+
+
+def default_block_n(method: str, grid) -> int:
+    """The KV block size a method uses when none is given: 128 keys for spatiotemporal plans on frames of at
+    least 1,024 tokens (8 blocks a frame, Sparse VideoGen's granularity), 64 otherwise (and for semantic plans).
+
+    Spatiotemporal plans cut full blocks, where 128-key tiles run fastest: H100, 2026-11-24, spatial+temporal
+    heads at density 0.25, 3.79 / 63.5 ms with 128 against 4.63 / 70.3 with 64 at Wan2.1-1.3B 480p / 14B 720p.
+    On small frames 128-key blocks make the pattern coarse: the bundled model (256 tokens a frame) lost 7 dB of
+    PSNR against dense with them (32.6 against 39.7 dB, CPU). Semantic key clusters are ragged, and 64-key blocks
+    waste less on their short tails: 9.73 / 58.5 ms with 64 against 12.18 / 77.1 with 128 at the same shapes.
+    (The H100 figures are from a build of the kernel with a slower key mask, since reverted; they compare block
+    sizes.)"""
+    if method == "spatiotemporal" and int(grid[1]) * int(grid[2]) >= 8 * 128:
+        return 128
+    return 64
 
 
 @dataclasses.dataclass
@@ -151,8 +161,9 @@ def _check_common(method, density, top_p, block_m, block_n):
         raise ValueError(f"sparse_attention: density must be in (0, 1], got {density}")
     if not (0.0 < float(top_p) <= 1.0):
         raise ValueError(f"sparse_attention: top_p must be in (0, 1], got {top_p}")
-    if block_m < 16 or block_n < 16:
-        raise ValueError(f"sparse_attention: block sizes must be ≥ 16, got {block_m}×{block_n}")
+    for name, val in (("block_m", block_m), ("block_n", block_n)):
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 16):
+            raise ValueError(f"sparse_attention: {name} must be an int ≥ 16 (or None for block_n), got {val!r}")
 
 
 def plan_sparse(
@@ -186,10 +197,10 @@ def plan_sparse(
     """The :class:`SparsePlan` (block layout and permutations) :func:`sparse_attention` would run, without
     running attention. ``v`` is needed by ``"spatiotemporal"`` when it profiles. Arguments as in
     :func:`sparse_attention`; with a ``state``, its caches are used and updated exactly as there."""
-    block_n = DEFAULT_BLOCK_N.get(method, 64) if block_n is None else block_n
     _check_common(method, density, top_p, block_m, block_n)
     s_axis = 2 if layout == "BHSD" else 1
     tl = token_layout(grid, q.shape[s_axis], text)
+    block_n = default_block_n(method, tl.grid) if block_n is None else block_n
     if k.shape[s_axis] != q.shape[s_axis]:
         raise ValueError("sparse_attention: q and k/v must have the same sequence (joint self-attention)")
     b, hq, hk = q.shape[0], q.shape[3 - s_axis], k.shape[3 - s_axis]
@@ -333,9 +344,9 @@ def sparse_attention(
         state: a :class:`SparseState` to reuse head classes / centroids across calls; None = fresh each call.
         step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None.
         seed: seeds the profiling rows and the cold k-means initialisation (deterministic results).
-        block_m, block_n: query / key block sizes of the kernel; ``block_n`` None = the method's default
-            (``DEFAULT_BLOCK_N``: 128 spatiotemporal, 64 semantic). Semantic key clusters are cut at multiples
-            of 16 rows, so the kernel reads every KV block with aligned loads.
+        block_m, block_n: query / key block sizes of the kernel; ``block_n`` None = :func:`default_block_n`
+            (128 for spatiotemporal plans on frames of ≥ 1,024 tokens, else 64). Semantic key clusters are cut
+            at multiples of 16 rows, so the kernel reads every KV block with aligned loads.
         check_layout: let ``block_sparse_attention`` validate the plan (one host sync; tests and debugging —
             the plans built here are valid by construction).
 

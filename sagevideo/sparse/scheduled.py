@@ -29,13 +29,13 @@ _said: set[str] = set()
 METHOD_NAMES = {"sparse-spatiotemporal": "spatiotemporal", "sparse-semantic": "semantic"}
 
 # block_m / block_n: the kernel's query and key block sizes (the granularity of the sparsity pattern; block_n
-# per method, sagevideo.sparse.api.DEFAULT_BLOCK_N)
-COMMON_PARAMS = {"precision": "auto", "smooth_v": False, "seed": 0, "block_m": 128}
+# None = sagevideo.sparse.api.default_block_n, from the method and the frame size)
+COMMON_PARAMS = {"precision": "auto", "smooth_v": False, "seed": 0, "block_m": 128, "block_n": None}
 PARAMS = {
-    "sparse-spatiotemporal": {**COMMON_PARAMS, "block_n": 128, "density": 0.25, "tolerance": 0.5,
-                              "profile_samples": 64, "profile_every": 1},
-    "sparse-semantic": {**COMMON_PARAMS, "block_n": 64, "top_p": 0.9, "min_kc_ratio": 0.1, "q_clusters": 300,
-                        "k_clusters": 1000, "kmeans_iters": 2, "kmeans_every": 1},
+    "sparse-spatiotemporal": {**COMMON_PARAMS, "density": 0.25, "tolerance": 0.5, "profile_samples": 64,
+                              "profile_every": 1},
+    "sparse-semantic": {**COMMON_PARAMS, "top_p": 0.9, "min_kc_ratio": 0.1, "q_clusters": 300, "k_clusters": 1000,
+                        "kmeans_iters": 2, "kmeans_every": 1},
 }
 
 
