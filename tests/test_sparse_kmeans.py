@@ -1,6 +1,6 @@
 """Batched k-means (Sparse VideoGen2's clustering step) against a plain loop implementation; its fused Triton
 assignment kernel against float64 (the Triton interpreter on tiny shapes, the GPU at Wan2.1 size, marked gpu);
-the sync-free update against the guarded one it replaced."""
+the sync-free update against the guarded one it replaced; the update's summing kernel against its reference."""
 
 import pytest
 import torch
@@ -56,6 +56,7 @@ def test_matches_loop_implementation(iters):
     torch.testing.assert_close(res.centroids, cent, rtol=1e-10, atol=1e-10)
     sizes = torch.stack([torch.bincount(l, minlength=5) for l in labels])
     assert torch.equal(res.sizes, sizes)
+    assert torch.equal(res.order, torch.sort(labels, dim=1, stable=True).indices)
 
 
 def test_empty_clusters_reseeded_like_loop():
@@ -258,7 +259,7 @@ def test_batched_kmeans_triton_backend_matches_torch(dtype):
     init[:, 4] = 1e3  # empty after the first assignment: re-seeded
     a = batched_kmeans(x, 6, iters=3, init=init, backend="torch")
     b = batched_kmeans(x, 6, iters=3, init=init, backend="triton")
-    assert torch.equal(a.labels, b.labels) and torch.equal(a.sizes, b.sizes)
+    assert torch.equal(a.labels, b.labels) and torch.equal(a.sizes, b.sizes) and torch.equal(a.order, b.order)
     torch.testing.assert_close(a.centroids, b.centroids)
     assert b.centroids.dtype == torch.float32
 
@@ -316,11 +317,16 @@ def test_update_unchanged(x_dtype, dist_dtype, budget):
     labels = torch.randint(0, 6, (n, s), generator=g)  # clusters 6..8 empty everywhere
     labels[1][labels[1] == 2] = 0  # and cluster 2 of set 1
     labels[2] = torch.arange(s) % k  # set 2 has no empty cluster
-    new_c, new_s = _update(x, labels, dist, k, budget)
+    new_c, new_s, order = _update(x, labels, dist, k, budget)
     old_c, old_s = _update_before(x, labels, dist, k, budget)
     assert torch.equal(new_c, old_c) and torch.equal(new_s, old_s)
+    assert torch.equal(order, torch.sort(labels, dim=1, stable=True).indices)
+    if x_dtype != torch.float64:  # the summing kernel (interpreter): the same sizes and re-seeds, sums to rounding
+        ker_c, ker_s, ker_o = _update(x, labels, dist, k, budget, kernel=True)
+        assert torch.equal(ker_s, old_s) and torch.equal(ker_o, order)
+        torch.testing.assert_close(ker_c, old_c, rtol=1e-6, atol=1e-6)
     full = torch.arange(s).repeat(n, 1) % k  # no empty cluster at all
-    new_c, new_s = _update(x, full, dist, k, budget)
+    new_c, new_s, _ = _update(x, full, dist, k, budget)
     old_c, old_s = _update_before(x, full, dist, k, budget)
     assert torch.equal(new_c, old_c) and torch.equal(new_s, old_s)
 
@@ -393,30 +399,78 @@ def test_warm_kmeans_does_not_sync_gpu():
     assert res.iters == 2
 
 
-def test_onehot_sums_equal_scatter_add_sums():
-    """The update's one-hot product (taken for 16-bit points on CUDA) sums the same points per cluster as the
-    scatter-add, in chunks smaller than the set; here its CPU form (fp32 products), bf16 points."""
-    from sagevideo.sparse.kmeans import _onehot_sums
+def _sums_case(n, s, d, k, seed, dtype, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, s, d, generator=g) * 4 + 1).to(dtype)
+    labels = torch.randint(0, k, (n, s), generator=g)
+    labels[:, : s // 8] = 5  # one crowded cluster (several row blocks of the kernel)
+    labels[labels == 3] = 4  # and an empty one
+    return x.to(device), labels.to(device)
 
-    g = torch.Generator().manual_seed(0)
-    x = (torch.randn(3, 500, 16, generator=g) * 4 + 1).to(torch.bfloat16)
-    labels = torch.randint(0, 37, (3, 500), generator=g)
-    labels[:, :40] = 5  # one crowded cluster, and some clusters left empty
-    ref = torch.zeros(3, 37, 16).scatter_add_(1, labels[..., None].expand(-1, -1, 16), x.float())
-    got = _onehot_sums(x, labels, 37, budget=3 * 37 * 64)  # 64-point chunks
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-5)
-    assert got.dtype == torch.float32
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, s, d, k", [(3, 500, 16, 37), (2, 333, 24, 7), (1, 64, 64, 64)])
+def test_cluster_sums_kernel_matches_reference(dtype, n, s, d, k):
+    """``kernels/kmeans_sums.py`` (interpreter) sums the same points per cluster as the scatter-add reference
+    and as float64, for any D (24: masked), empty and crowded clusters; its inputs are only read."""
+    from sagevideo.kernels.kmeans_sums import cluster_sums
+    from sagevideo.sparse.kmeans import _order_by_label, cluster_sums_reference
+
+    x, labels = _sums_case(n, s, d, k, seed=s + d, dtype=dtype)
+    order, offsets = _order_by_label(labels, k)
+    before = (x.clone(), order.clone(), offsets.clone())
+    got = cluster_sums(x, order, offsets, block_r=16)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x, order, offsets)))
+    ref = cluster_sums_reference(x, labels, k, torch.float32)
+    exact = cluster_sums_reference(x, labels, k, torch.float64)
+    assert got.dtype == torch.float32 and got.shape == (n, k, d)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-4)
+    assert torch.equal(got[:, 3], torch.zeros_like(got[:, 3]))  # the empty cluster
+    # strided points (a BHSD slice, as semantic.py passes them) and int32 indices give the same sums
+    xs = torch.cat([-x, x], dim=2)[..., d:]  # row stride 2·D
+    assert not xs.is_contiguous()
+    o32, off32 = order.to(torch.int32), offsets.to(torch.int32)
+    torch.testing.assert_close(cluster_sums(xs, o32, off32), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cluster_sums(x, order, offsets, block_r=64), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_cluster_sums_bad_arguments():
+    from sagevideo.kernels.kmeans_sums import cluster_sums
+
+    x = torch.randn(2, 10, 16)
+    order = torch.arange(10).repeat(2, 1)
+    offsets = torch.tensor([[0, 4, 10], [0, 10, 10]])
+    with pytest.raises(ValueError, match="do not match"):
+        cluster_sums(x, order[:, :9], offsets)
+    with pytest.raises(ValueError, match="fp16, bf16 or fp32"):
+        cluster_sums(x.double(), order, offsets)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        cluster_sums(x, order.float(), offsets)
+    with pytest.raises(ValueError, match="power of two"):
+        cluster_sums(x, order, offsets, block_r=24)
 
 
 @pytest.mark.gpu
-def test_onehot_update_matches_scatter_add_gpu():
-    from sagevideo.sparse.kmeans import _onehot_sums, bmm_f32
+def test_cluster_sums_kernel_wan_size_gpu():
+    """Wan2.1-1.3B size (12 heads × 32,760 points, D = 128, 1,000 clusters, bf16) against float64."""
+    from sagevideo.kernels.kmeans_sums import cluster_sums
+    from sagevideo.sparse.kmeans import _order_by_label, cluster_sums_reference
 
-    x, cent = _wan_like(3, s=8192, k=1000)
-    labels = torch.randint(0, 1000, x.shape[:2], device="cuda")
-    ref = torch.zeros(x.shape[0], 1000, x.shape[2], device="cuda")
-    ref.scatter_add_(1, labels[..., None].expand(-1, -1, x.shape[2]), x.float())
-    torch.testing.assert_close(_onehot_sums(x, labels, 1000, budget=1 << 24), ref, rtol=1e-5, atol=1e-4)
+    x, cent = _wan_like(3)
+    labels, _ = _kernel_assign(x, cent)
+    labels[:, :20000] = 7  # one cluster of 20,000 points
+    got = cluster_sums(x, *_order_by_label(labels, 1000))
+    exact = cluster_sums_reference(x, labels, 1000, torch.float64)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-3)
+    assert torch.equal(got, cluster_sums(x, *_order_by_label(labels, 1000)))  # the same bits every run
+
+
+@pytest.mark.gpu
+def test_bmm_f32_gpu():
+    from sagevideo.sparse.kmeans import bmm_f32
+
+    x, _ = _wan_like(3, s=8192, k=1000)
     a, b = x[:2, :64], x[:2, 64:192].transpose(1, 2)
     out = bmm_f32(a, b)
     assert out.dtype == torch.float32

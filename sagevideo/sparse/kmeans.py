@@ -13,10 +13,13 @@ This is Lloyd's algorithm, batched over the leading dimension:
   points in IEEE fp32). Elsewhere (CPU, fp64, other dtypes) the torch path computes it in fp32 (fp64 for
   fp64 input), in chunks of points so the ``N × chunk × k`` distance block stays under ``budget`` elements —
   never ``N × S × k`` at once;
-* update: per-cluster mean. The sums are a scatter-add, except for 16-bit points on CUDA, where they are a
-  one-hot matrix product on the tensor cores (``onehot(labels)ᵀ · x``, exact products, fp32 accumulation:
-  the same sums in another order). A scatter-add of ~10⁵ rows into ~10³ clusters serialises on atomics
-  (1.3 ms per set of 12 heads × 32,760 tokens on an H100, 2026-11-23: most of a semantic plan);
+* update: per-cluster mean. The labels are sorted stably (``order``: the points cluster by cluster, the
+  permutation semantic attention needs anyway) and each cluster's rows summed in fp32. On CUDA (the Triton
+  backend) a kernel gathers each cluster's rows through ``order`` (``kernels/kmeans_sums.py``: every point
+  read once, no atomics, no one-hot matrix); elsewhere a scatter-add (:func:`cluster_sums_reference`). Both
+  earlier GPU forms cost more: a scatter-add of ~10⁵ rows into ~10³ clusters serialises on atomics (1.3 ms
+  per set of 12 heads × 32,760 tokens, H100, 2026-11-23), and a one-hot product ``onehot(labels)ᵀ · x``
+  multiplies ``k`` zeros per point and writes the one-hot matrix (~6 GB per round at Wan2.1-14B 720p);
 * empty clusters are re-seeded deterministically: the ``e`` empty clusters of a set take, in cluster order,
   the ``e`` points farthest from their assigned centroid (largest first, ties by lower index). This is
   computed unconditionally with tensor ops (it is a no-op without empty clusters), so a round never waits
@@ -64,12 +67,14 @@ def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass
 class KMeansResult:
     """``labels`` int64 ``(N, S)``, ``centroids`` ``(N, k, D)`` (fp32, or fp64 for fp64 input), ``sizes``
-    int64 ``(N, k)``, ``iters`` (iterations run)."""
+    int64 ``(N, k)``, ``iters`` (iterations run), ``order`` int64 ``(N, S)``: the stable sort of ``labels``
+    (the points cluster by cluster, in index order within a cluster; the update step computes it anyway)."""
 
     labels: torch.Tensor
     centroids: torch.Tensor
     sizes: torch.Tensor
     iters: int
+    order: torch.Tensor
 
 
 def _work_dtype(x: torch.Tensor) -> torch.dtype:
@@ -135,48 +140,54 @@ def _assign_triton(x, centroids):
     return labels, dist.to(centroids.dtype)
 
 
-def _onehot_update(x: torch.Tensor, dtype: torch.dtype) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32
+def _order_by_label(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(order, offsets)``: the stable sort of each set's labels — ``order`` ``(N, S)`` lists the points
+    cluster by cluster, in index order within a cluster — and ``offsets`` ``(N, k + 1)``, where cluster ``c``
+    starts in it (``offsets[:, k] = S``)."""
+    n = labels.shape[0]
+    sorted_labels, order = torch.sort(labels, dim=1, stable=True)
+    bounds = torch.arange(k + 1, device=labels.device, dtype=sorted_labels.dtype).expand(n, k + 1).contiguous()
+    return order, torch.searchsorted(sorted_labels, bounds)
 
 
-def _onehot_sums(x, labels, k, budget):
-    """Per-cluster sums ``(N, k, D)`` fp32 as ``onehot(labels)ᵀ · x`` (:func:`bmm_f32`), ``chunk`` points at a
-    time so the ``N × k × chunk`` one-hot block stays under ``budget`` elements."""
+def cluster_sums_reference(x: torch.Tensor, labels: torch.Tensor, k: int, dtype: torch.dtype,
+                           budget: int = 1 << 26) -> torch.Tensor:
+    """Per-cluster sums ``(N, k, D)`` in ``dtype`` by a scatter-add of the points (upcast to ``dtype``),
+    ``chunk`` points at a time so a ``N × chunk × D`` block stays under ``budget`` elements: the torch
+    reference of ``kernels/kmeans_sums.py``."""
     n, s, d = x.shape
-    sums = torch.zeros(n, k, d, dtype=torch.float32, device=x.device)
-    step = _chunk_rows(n, k, s, budget)
+    sums = torch.zeros(n, k, d, dtype=dtype, device=x.device)
+    step = _chunk_rows(n, d, s, budget)
     for i in range(0, s, step):
         lab = labels[:, i : i + step]
-        onehot = torch.zeros(n, k, lab.shape[1], dtype=x.dtype, device=x.device)
-        onehot.scatter_(1, lab[:, None, :], 1.0)  # one write per point: no contention
-        sums += bmm_f32(onehot, x[:, i : i + step])
+        sums.scatter_add_(1, lab[..., None].expand(-1, -1, d), x[:, i : i + step].to(dtype))
     return sums
 
 
-def _update(x, labels, dist, k, budget):
-    """New centroids (means; empty clusters re-seeded) and cluster sizes of ``labels``."""
+def _update(x, labels, dist, k, budget, kernel: bool = False):
+    """New centroids (means; empty clusters re-seeded), cluster sizes of ``labels`` and the points ordered by
+    cluster (:func:`_order_by_label`). ``kernel``: the sums by ``kernels/kmeans_sums.py`` from that order
+    (fp32, one read of the points, no atomics), else by :func:`cluster_sums_reference`."""
     n, s, d = x.shape
     dtype = dist.dtype
-    if _onehot_update(x, dtype):
-        sums = _onehot_sums(x, labels, k, budget).to(dtype)
+    order, offsets = _order_by_label(labels, k)
+    sizes = offsets[:, 1:] - offsets[:, :-1]
+    if kernel:
+        from sagevideo.kernels.kmeans_sums import cluster_sums
+
+        sums = cluster_sums(x, order, offsets).to(dtype)
     else:
-        sums = torch.zeros(n, k, d, dtype=dtype, device=x.device)
-        step = _chunk_rows(n, d, s, budget)
-        for i in range(0, s, step):
-            lab = labels[:, i : i + step]
-            sums.scatter_add_(1, lab[..., None].expand(-1, -1, d), x[:, i : i + step].to(dtype))
-    sizes = torch.zeros(n, k, dtype=torch.int64, device=x.device)
-    sizes.scatter_add_(1, labels, torch.ones_like(labels))
+        sums = cluster_sums_reference(x, labels, k, dtype, budget)
     centroids = sums / sizes.clamp_min(1)[..., None].to(dtype)
     # The e empty clusters of a set take the e points farthest from their centroid, in cluster order. Done
     # whether or not a cluster is empty (no host sync on `empty.any()`); without one it selects nothing.
     empty = sizes == 0
-    order = torch.sort(dist, dim=1, descending=True, stable=True).indices  # (N, S)
+    far = torch.sort(dist, dim=1, descending=True, stable=True).indices  # (N, S)
     rank = (torch.cumsum(empty.to(torch.int64), dim=1) - 1).clamp_min(0)  # (N, k)
-    point = torch.gather(order, 1, rank)  # (N, k)
+    point = torch.gather(far, 1, rank)  # (N, k)
     seeds = torch.gather(x, 1, point[..., None].expand(-1, -1, d)).to(dtype)
     centroids = torch.where(empty[..., None], seeds, centroids)
-    return centroids, sizes
+    return centroids, sizes, order
 
 
 def batched_kmeans(
@@ -230,10 +241,10 @@ def batched_kmeans(
             labels, dist = _assign_triton(x, centroids)
         else:
             labels, dist = _assign(x, centroids, budget)
-        new, sizes = _update(x, labels, dist, k, budget)
+        new, sizes, order = _update(x, labels, dist, k, budget, kernel=triton_assign)
         done += 1
         moved = None if tol is None else float((new - centroids).norm(dim=-1).max())
         centroids = new
         if moved is not None and moved <= tol:
             break
-    return KMeansResult(labels, centroids, sizes, done)
+    return KMeansResult(labels, centroids, sizes, done, order)

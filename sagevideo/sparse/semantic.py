@@ -181,9 +181,9 @@ def plan_semantic(
     # permutations of the whole sequence: video rows sorted by label, text rows in place
     ident = torch.arange(s, device=device, dtype=torch.int64)
     q_perm = ident.repeat(b, hq, 1)
-    q_perm[:, :, vs] = labels_to_perm(qk.labels).reshape(b, hq, nv) + layout.video_start
+    q_perm[:, :, vs] = qk.order.reshape(b, hq, nv) + layout.video_start  # = labels_to_perm(qk.labels)
     kv_perm_k = ident.repeat(b, hk, 1)
-    kv_perm_k[:, :, vs] = labels_to_perm(kk.labels).reshape(b, hk, nv) + layout.video_start
+    kv_perm_k[:, :, vs] = kk.order.reshape(b, hk, nv) + layout.video_start
     kv_perm = kv_perm_k.repeat_interleave(g, dim=1) if g > 1 else kv_perm_k
 
     q_sizes = qk.sizes.reshape(b, hq, cq)
