@@ -216,3 +216,23 @@ def test_plans_cut_kv_blocks_for_aligned_loads():
         aligned, reach = p.layout.kv_geometry()
         assert reach <= 32, (method, reach)
         assert aligned or block_sparse_attn.kv_tile(32, aligned, reach)[1]  # aligned loads, or the window
+
+
+def test_block_density_counts_token_pairs():
+    """The integer form equals the token-pair count of the definition, per leading index, zero-length blocks
+    (padding slots) and an all-empty row included."""
+    g = torch.Generator().manual_seed(5)
+    keep = torch.rand(2, 3, 7, 9, generator=g) < 0.4
+    q_len = torch.randint(0, 130, (2, 3, 7), generator=g)
+    k_len = torch.randint(0, 70, (2, 3, 9), generator=g)
+    q_len[0, 1] = 0  # no query tokens at all: density 0, not NaN
+    got = P.block_density(keep, q_len, k_len)
+    assert got.dtype == torch.float64 and got.shape == (2, 3)
+    for b in range(2):
+        for h in range(3):
+            pairs = sum(int(q_len[b, h, i]) * int(k_len[b, h, j]) for i in range(7) for j in range(9) if keep[b, h, i, j])
+            total = int(q_len[b, h].sum()) * int(k_len[b, h].sum())
+            assert float(got[b, h]) == (pairs / total if total else 0.0)
+    # shared (unbatched) block lengths broadcast against batched keep maps
+    flat = P.block_density(keep, q_len[0, 0], k_len[0, 0])
+    assert torch.equal(flat[1, 2], P.block_density(keep[1, 2], q_len[0, 0], k_len[0, 0]))

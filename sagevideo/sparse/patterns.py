@@ -259,10 +259,12 @@ def text_block_keep(keep: torch.Tensor, q_text: torch.Tensor, k_text: torch.Tens
 
 def block_density(keep: torch.Tensor, q_len: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
     """Fraction of token pairs inside kept blocks: ``Σ keep·q_len·k_len / (Σq_len·Σk_len)`` over the last two
-    dims (float64; leading dims kept)."""
-    area = q_len.to(torch.float64)[..., :, None] * k_len.to(torch.float64)[..., None, :]
-    total = area.sum(dim=(-1, -2))
-    return (keep.to(torch.float64) * area).sum(dim=(-1, -2)) / total.clamp_min(1.0)
+    dims (float64; leading dims kept). The sums are taken in integers (exact), one ``keep``-sized int32 pass:
+    the kept keys of each query block, then their pairs."""
+    kept_keys = torch.where(keep, k_len.to(torch.int32)[..., None, :], 0).sum(-1, dtype=torch.int64)
+    pairs = (kept_keys * q_len.to(torch.int64)).sum(-1)
+    total = q_len.to(torch.int64).sum(-1) * k_len.to(torch.int64).sum(-1)
+    return pairs.to(torch.float64) / total.clamp_min(1).to(torch.float64)
 
 
 def _smallest_width(gap: torch.Tensor, forced: torch.Tensor, area: torch.Tensor, hi: int, density: float) -> int:
