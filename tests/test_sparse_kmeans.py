@@ -419,7 +419,7 @@ def test_cluster_sums_kernel_matches_reference(dtype, n, s, d, k):
     x, labels = _sums_case(n, s, d, k, seed=s + d, dtype=dtype)
     order, offsets = _order_by_label(labels, k)
     before = (x.clone(), order.clone(), offsets.clone())
-    got = cluster_sums(x, order, offsets, block_r=16)
+    got = cluster_sums(x, order, offsets, block_r=16, chunk_rows=32)  # the crowded cluster in several parts
     assert all(torch.equal(a, b) for a, b in zip(before, (x, order, offsets)))
     ref = cluster_sums_reference(x, labels, k, torch.float32)
     exact = cluster_sums_reference(x, labels, k, torch.float64)
@@ -432,7 +432,9 @@ def test_cluster_sums_kernel_matches_reference(dtype, n, s, d, k):
     assert not xs.is_contiguous()
     o32, off32 = order.to(torch.int32), offsets.to(torch.int32)
     torch.testing.assert_close(cluster_sums(xs, o32, off32), ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cluster_sums(x, order, offsets, block_r=64), ref, rtol=1e-5, atol=1e-4)
+    for block_r, chunk_rows in ((64, 64), (16, 16), (32, 4096)):
+        torch.testing.assert_close(cluster_sums(x, order, offsets, block_r=block_r, chunk_rows=chunk_rows), ref,
+                                   rtol=1e-5, atol=1e-4)
 
 
 def test_cluster_sums_bad_arguments():
@@ -449,6 +451,8 @@ def test_cluster_sums_bad_arguments():
         cluster_sums(x, order.float(), offsets)
     with pytest.raises(ValueError, match="power of two"):
         cluster_sums(x, order, offsets, block_r=24)
+    with pytest.raises(ValueError, match="multiple of block_r"):
+        cluster_sums(x, order, offsets, block_r=16, chunk_rows=40)
 
 
 @pytest.mark.gpu
@@ -459,7 +463,7 @@ def test_cluster_sums_kernel_wan_size_gpu():
 
     x, cent = _wan_like(3)
     labels, _ = _kernel_assign(x, cent)
-    labels[:, :20000] = 7  # one cluster of 20,000 points
+    labels[:, :20000] = 7  # one cluster of 20,000 points: 20 parts
     got = cluster_sums(x, *_order_by_label(labels, 1000))
     exact = cluster_sums_reference(x, labels, 1000, torch.float64)
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=1e-3)
