@@ -19,6 +19,7 @@ import sagevideo
 from sagevideo import reference
 from sagevideo.kernels import block_sparse_attn
 from sagevideo.sparse import blocks
+from sagevideo.sparse import patterns as P
 from sagevideo.sparse.blocks import (
     BlockLayout,
     block_mask_to_layout,
@@ -202,6 +203,32 @@ def test_block_mask_to_layout():
             for i in range(5):
                 n = int(lay2.kv_count[b, h, i])
                 assert lay2.kv_index[b, h, i, :n].tolist() == keep[b, h, i].nonzero().flatten().tolist()
+
+
+def test_block_mask_to_layout_with_shared_rows():
+    """Query blocks sharing mask rows (``rows=``) give the layout and density of the expanded mask: padding
+    query and KV slots (length 0) dropped, lists in increasing id order; rows out of range are refused."""
+    g = torch.Generator().manual_seed(4)
+    b, h, nr, nq, nk = 2, 3, 4, 9, 11
+    row_keep = torch.rand(b, h, nr, nk, generator=g) < 0.4
+    row_keep[0, 0, 2] = False  # a row keeping nothing
+    rows = torch.randint(0, nr, (b, h, nq), generator=g)
+    qs, ql = uniform_blocks(b, h, nq * 16, 16, "cpu")
+    ks, kl = uniform_blocks(b, h, nk * 8, 8, "cpu")
+    ql = ql.clone()
+    kl = kl.clone()
+    ql[:, :, -2:] = 0  # padding query slots
+    kl[:, 1, 3] = 0  # a padding KV slot in head 1
+    expanded = row_keep.gather(2, rows[..., None].expand(b, h, nq, nk))
+    want = block_mask_to_layout(qs, ql, ks, kl, expanded, 16, 8)
+    got = block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows)
+    assert torch.equal(got.kv_count, want.kv_count) and torch.equal(got.kv_index, want.kv_index)
+    assert (got.kv_aligned, got.kv_reach) == (want.kv_aligned, want.kv_reach)
+    assert torch.equal(P.block_density(row_keep, ql, kl, rows=rows), P.block_density(expanded & (ql > 0)[..., None], ql, kl))
+    with pytest.raises(ValueError, match="rows must index"):
+        block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows + nr)
+    with pytest.raises(ValueError, match="rows must be an integer tensor"):
+        block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows[..., :-1])
 
 
 def test_layout_token_mask():

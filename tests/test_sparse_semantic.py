@@ -111,6 +111,8 @@ def test_plan_token_mask_is_cluster_pair_map_with_dense_text(text_first):
             if text is not None:
                 ts = layout.text_slice
                 assert bool(mask[bi, h, ts].all()) and bool(mask[bi, h, :, ts].all())
+    # the density is the kept fraction of token pairs, per head
+    torch.testing.assert_close(plan.info["density_per_head"], mask.double().mean((-1, -2)), rtol=1e-12, atol=0)
     # the query heads sharing a key head share its permutation
     assert torch.equal(plan.kv_perm[:, 0], plan.kv_perm[:, 1])
     assert 0 < plan.density < 1

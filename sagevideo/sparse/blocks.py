@@ -303,31 +303,62 @@ def block_mask_to_layout(
     block_keep: torch.Tensor,
     block_m: int,
     block_n: int,
+    rows: torch.Tensor | None = None,
 ) -> BlockLayout:
     """A :class:`BlockLayout` from a block-level mask ``block_keep`` (bool ``(B, H, NQ, NK)``).
 
     ``kv_index`` lists the kept KV blocks of each query block in increasing id order, ``MAXK`` is the largest
     count (at least 1) and unused entries are 0. Pairs involving a padding slot (length 0) are dropped, so
     padding query blocks get ``kv_count`` 0.
+
+    ``rows`` (integer ``(B, H, NQ)``), when given, says that many query blocks share a mask row: ``block_keep``
+    is then ``(B, H, R, NK)`` and query block ``i`` keeps ``block_keep[..., rows[..., i], :]`` (semantic plans:
+    every query block of one cluster keeps the same KV blocks). The lists are built once per row, so the work
+    scales with ``R`` instead of ``NQ``; the layout is the one the expanded mask would give.
     """
     if not isinstance(block_keep, torch.Tensor) or block_keep.dtype != torch.bool:
         raise TypeError("block_mask_to_layout: block_keep must be a bool tensor (B, H, NQ, NK), True = attend")
-    want = (*q_start.shape, k_start.shape[-1]) if q_start.dim() == 3 and k_start.dim() == 3 else None
-    if want is None or tuple(block_keep.shape) != want:
+    if q_start.dim() != 3 or k_start.dim() != 3:
+        raise ValueError("block_mask_to_layout: q_start/q_len and k_start/k_len must be (B, H, NQ) and (B, H, NK)")
+    nq, nk = q_start.shape[-1], k_start.shape[-1]
+    if rows is not None and (not isinstance(rows, torch.Tensor) or not _is_int(rows)
+                             or tuple(rows.shape) != tuple(q_start.shape)):
+        raise ValueError(f"block_mask_to_layout: rows must be an integer tensor of shape {tuple(q_start.shape)}")
+    nr = block_keep.shape[2] if rows is not None and block_keep.dim() == 4 else nq
+    want = (*q_start.shape[:2], nr, nk)
+    if tuple(block_keep.shape) != want:
         raise ValueError(
-            f"block_mask_to_layout: block_keep must have shape (B, H, NQ, NK) = {want}, got {tuple(block_keep.shape)}"
+            f"block_mask_to_layout: block_keep must have shape (B, H, {'R' if rows is not None else 'NQ'}, NK) = "
+            f"{want}, got {tuple(block_keep.shape)}"
         )
-    keep = block_keep.to(q_start.device) & (q_len > 0)[..., :, None] & (k_len > 0)[..., None, :]
-    count = keep.sum(-1)
+    dev = q_start.device
+    keep = block_keep.to(dev) & (k_len > 0)[..., None, :]
+    row_count = keep.sum(-1)  # (B, H, R)
+    q_live = q_len > 0
+    if rows is None:
+        count = torch.where(q_live, row_count, 0)
+        keep = keep & q_live[..., None]
+    else:
+        if nr == 0 and nq:
+            raise ValueError("block_mask_to_layout: rows given but block_keep has no rows")
+        rows = rows.to(device=dev, dtype=torch.int64)
+        bad = ((rows < 0) | (rows >= nr)).any().reshape(1).long()
+        rows = rows.clamp(0, max(nr - 1, 0))
+        count = torch.where(q_live, row_count.gather(2, rows), 0)
     # one host sync: the longest list, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
-    most, aligned, reach = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
-                                      _kv_geometry(k_start.to(keep.device), k_len.to(keep.device))]).tolist()
+    most, aligned, reach, *bad = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
+                                            _kv_geometry(k_start.to(dev), k_len.to(dev)),
+                                            *([bad] if rows is not None else [])]).tolist()
+    if bad and bad[0]:
+        raise ValueError(f"block_mask_to_layout: rows must index the {nr} rows of block_keep")
     maxk = max(1, most)
     order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk]
-    live = torch.arange(maxk, device=keep.device) < count[..., None]
+    if order.shape[-1] < maxk:  # NK = 0
+        order = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=dev)
+    if rows is not None:
+        order = order.gather(2, rows[..., None].expand(*rows.shape, maxk))
+    live = torch.arange(maxk, device=dev) < count[..., None]
     index = torch.where(live, order, 0)
-    if index.shape[-1] < maxk:  # NK = 0
-        index = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=keep.device)
     return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n,
                        kv_aligned=bool(aligned), kv_reach=int(reach))
 

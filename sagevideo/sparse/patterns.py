@@ -257,11 +257,15 @@ def text_block_keep(keep: torch.Tensor, q_text: torch.Tensor, k_text: torch.Tens
     return keep | q_text[:, None] | k_text[None, :]
 
 
-def block_density(keep: torch.Tensor, q_len: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
+def block_density(keep: torch.Tensor, q_len: torch.Tensor, k_len: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
     """Fraction of token pairs inside kept blocks: ``Σ keep·q_len·k_len / (Σq_len·Σk_len)`` over the last two
     dims (float64; leading dims kept). The sums are taken in integers (exact), one ``keep``-sized int32 pass:
-    the kept keys of each query block, then their pairs."""
+    the kept keys of each query block, then their pairs. ``rows``: query block ``i`` keeps mask row
+    ``rows[..., i]`` (as in :func:`sagevideo.sparse.blocks.block_mask_to_layout`)."""
     kept_keys = torch.where(keep, k_len.to(torch.int32)[..., None, :], 0).sum(-1, dtype=torch.int64)
+    if rows is not None:
+        kept_keys = kept_keys.gather(-1, rows.to(device=kept_keys.device, dtype=torch.int64))
     pairs = (kept_keys * q_len.to(torch.int64)).sum(-1)
     total = q_len.to(torch.int64).sum(-1) * k_len.to(torch.int64).sum(-1)
     return pairs.to(torch.float64) / total.clamp_min(1).to(torch.float64)

@@ -202,19 +202,20 @@ def plan_semantic(
     min_count = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
     cluster_keep = top_p_keep(weights, top_p, min_count)  # (B, Hq, Cq, Ck)
 
-    nq, nk = q_start.shape[-1], k_start.shape[-1]
-    rows = cluster_keep.gather(2, q_cl.clamp_min(0)[..., None].expand(b, hq, nq, ck))
-    keep = rows.gather(3, k_cl.clamp_min(0)[:, :, None, :].expand(b, hq, nq, nk))
-    q_video, k_video = q_cl >= 0, k_cl >= 0
-    keep = keep & q_video[..., None] & k_video[..., None, :]
-    keep = keep | (q_cl == -2)[..., None] | (k_cl == -2)[..., None, :]
-    keep = keep & (q_len > 0)[..., None] & (k_len > 0)[..., None, :]
+    # Every query block of a cluster keeps the same KV blocks: one mask row per query cluster, plus one
+    # (row cq) for the text query blocks, which keep every block. Video key blocks follow the cluster pairs,
+    # text key blocks are kept by every row; padding slots (cluster -1, length 0) are dropped by the layout.
+    nk = k_start.shape[-1]
+    k_cl_video = k_cl.clamp_min(0)[:, :, None, :].expand(b, hq, cq, nk)
+    video_rows = cluster_keep.gather(3, k_cl_video) & (k_cl >= 0)[..., None, :] | (k_cl == -2)[..., None, :]
+    row_keep = torch.cat([video_rows, torch.ones_like(video_rows[:, :, :1])], dim=2)  # (B, Hq, Cq + 1, NK)
+    rows = torch.where(q_cl == -2, cq, q_cl.clamp_min(0))  # (B, Hq, NQ)
 
     block_layout = block_mask_to_layout(
         q_start.to(torch.int32), q_len.to(torch.int32), k_start.to(torch.int32), k_len.to(torch.int32),
-        keep, block_m, block_n,
+        row_keep, block_m, block_n, rows=rows,
     )
-    density_bh = block_density(keep, q_len, k_len)
+    density_bh = block_density(row_keep, q_len, k_len, rows=rows)
     info = {
         "q_centroids": qk.centroids,
         "k_centroids": kk.centroids,
