@@ -10,7 +10,8 @@ For each shape, in one process and on the same inputs:
 * ``sagevideo int8-fp8``: the dense quantized op ``sagevideo.attention`` (quantization included);
 * ``plan <method>`` / ``sparse_attention <method>``: the sparse methods' pattern search + permutation alone
   (warm state, as in every step after the first; its share of one SDPA-cuDNN call is the overhead figure), and
-  the whole ``sagevideo.sparse_attention`` call in ``int8-fp8`` with the method's default parameters;
+  the whole ``sagevideo.sparse_attention`` call in ``int8-fp8`` with the method's default parameters, on
+  inputs standing for consecutive denoising steps (:func:`denoising_steps`: the first set plus small noise);
 * ``sparse <precision> d=<density>``: ``sagevideo.sparse.blocks.block_sparse_attention`` at densities 1.0, 0.5,
   0.3, 0.15, 0.10, 0.05, INCLUDING the quantization pass, which reads the tokens through a permutation
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
@@ -112,6 +113,24 @@ def locality_qkv(b, h, grid, extra, d, *, dtype, device, seed):
         for dst, src in zip(out, (q, k, v)):
             dst[:, hi] = src.to(dtype)
     return tuple(out)
+
+
+STEP_NOISE = 0.1
+
+
+def denoising_steps(qkv, n, *, seed):
+    """``n`` input sets standing for consecutive denoising steps of one video: ``qkv`` itself, then copies
+    with ``STEP_NOISE`` (relative to each tensor's std) of fresh Gaussian noise added, cosine ≈ 0.995 to it.
+    The methods' rows cycle through these: their state (centroids, head classes) is warm-started from the
+    previous call, which in a sampler is the previous step of the same video. Cycling through unrelated
+    inputs instead (before 2026-11-24) warm-started k-means from another video's centroids: coarser,
+    unbalanced clusters and a denser, slower plan than a sampler sees."""
+    g = torch.Generator(device=qkv[0].device).manual_seed(seed)
+    def step(t):
+        noise = torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32)
+        return (t.float() + STEP_NOISE * t.float().std() * noise).to(t.dtype)
+
+    return [tuple(qkv)] + [tuple(step(t) for t in qkv) for _ in range(1, n)]
 
 
 def tile_order(grid, extra, tile, device):
@@ -300,33 +319,34 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
     from sagevideo.sparse.api import SparseState, plan_sparse, sparse_attention
 
     text = (s - extra, extra) if extra else None
+    steps = denoising_steps(sets[0], fresh, seed=1000)
     for method, kw in (("spatiotemporal", {}), ("semantic", {"q_clusters": 4, "k_clusters": 8} if smoke else {})):
         kw = dict(kw, grid=grid, text=text, method=method, block_m=block, **({"block_n": block} if smoke else {}))
         state = SparseState()
         step = iter(range(1, 10**6))
-        plan0 = plan_sparse(*sets[0], state=state, step=0, **kw)  # cold: 50 k-means rounds / first profile
+        plan0 = plan_sparse(*steps[0], state=state, step=0, **kw)  # cold: 50 k-means rounds / first profile
 
         def plan(x, kw=kw):
             return plan_sparse(*x, state=state, step=next(step), **kw)
 
-        plan_ms = measure(plan, sets, warmup=warmup, reps=reps, cuda=cuda)
+        plan_ms = measure(plan, steps, warmup=warmup, reps=reps, cuda=cuda)
         if profile_plan:
-            _print_plan_profile(method, plan, sets[0], cuda)
+            _print_plan_profile(method, plan, steps[0], cuda)
         density = state.plan.density if state.plan is not None else plan0.density
 
         def full(x, kw=kw):
             return sparse_attention(*x, state=state, step=next(step), precision="int8-fp8", **kw)
 
         add(f"plan {method}", density, plan_ms, note="pattern search + permutation only (warm state)")
-        add(f"sparse_attention {method}", density, measure(full, sets, warmup=warmup, reps=reps, cuda=cuda),
-            full(sets[0]), note="int8-fp8, planning included")
+        add(f"sparse_attention {method}", density, measure(full, steps, warmup=warmup, reps=reps, cuda=cuda),
+            full(steps[0]), note="int8-fp8, planning included")
     cudnn = next((r.ms for r in results if r.provider == sdpa_name and r.ms == r.ms), None)
     for r in results:
         if cudnn and r.ms == r.ms:
             r.vs_cudnn = cudnn / r.ms
             if r.provider.startswith("plan "):  # the overhead target: ≤ 3 % of one dense cuDNN call
                 r.note += f"; {100 * r.ms / cudnn:.1f} % of one SDPA-cuDNN call"
-    del sets, q0, k0, v0
+    del sets, steps, q0, k0, v0
     if cuda:
         torch.cuda.empty_cache()
     return results
