@@ -16,12 +16,13 @@ cluster ``c`` starts in it. Two launches:
 
 Every point is read once, there are no atomics, and the summation order is fixed by the data alone, so the
 result is the same on every run. Cutting clusters into parts keeps the work of one program bounded: with one
-program per cluster, a cluster holding half of a set was read by a single program, latency-bound (H100,
-2026-11-24: 0.64-2.4 ms a call against 0.07-0.38 ms for ordinary clusters of at most a few thousand points,
-and 0.74-12.7 ms for the one-hot product, at 12-40 sets of 32,760-75,600 bf16 points, D = 128, 300 or 1,000
-clusters). A variant that cut the sorted sequence into equal chunks regardless of clusters (runs of equal
+program per cluster, a cluster holding half of a set was read by a single program, latency-bound. H100,
+2026-11-24, 12-40 sets of 32,760-118,800 bf16 points, D = 128, 300 or 1,000 clusters: 0.19-0.51 ms a call
+with parts, whether or not half of every set is one cluster; 0.67-2.45 ms with one program per cluster on
+that input (0.07-0.47 ms on the clusters k-means left); 0.74-12.7 ms for the one-hot product.
+A variant that cut the sorted sequence into equal chunks regardless of clusters (runs of equal
 labels summed by a small one-hot product per chunk, runs crossing a chunk boundary completed by a second
-launch) took 1.5-1.9× as long on ordinary clusters and was not kept.
+launch) took 1.5-1.9× as long on ordinary clusters and was not kept (``benchmarks/RESULTS.md``, eleventh session).
 
 Shapes: any head dimension ``D`` (padded to a power of two ≥ 16 and masked), any number of clusters (empty
 ones get zeros), any strides of the points. The inputs are only read. The torch reference computing the same
