@@ -146,3 +146,106 @@ def test_bf16_operands_on_gpu_give_the_fp32_path_errors():
     # 2026-11-23, one of the four heads was such a tie and flipped)
     decisive = (e32[..., 0] - e32[..., 1]).abs() > 2e-3 * (2 + e32.sum(-1)) + 1e-6
     assert torch.equal(c16[decisive], c32[decisive])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused profiling kernel (kernels/head_profile.py): the Triton interpreter on tiny shapes, the GPU at size
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _smooth_qkv(b, hq, hk, grid, n_text, d, dtype, seed, device="cpu"):
+    """Q/K from a smooth field over the grid (plus noise, a K offset), text rows random, V with a bias."""
+    g = torch.Generator().manual_seed(seed)
+    nv = grid[0] * grid[1] * grid[2]
+    t, hh, ww = P.video_coords(grid, torch.arange(nv))
+    pos = torch.stack([t, hh, ww], -1).float()
+    freqs = 0.6 * torch.randn(3, d // 2, generator=g)
+    field = torch.cat([torch.sin(pos @ freqs), torch.cos(pos @ freqs)], -1)  # (nv, d)
+
+    def make(h, offset):
+        video = 0.9 * field + 0.3 * torch.randn(b, h, nv, d, generator=g) + offset
+        text = torch.randn(b, h, n_text, d, generator=g)
+        return torch.cat([video, text], dim=2)
+
+    q = make(hq, 0.0)
+    k = make(hk, torch.randn(d, generator=g))
+    v = torch.randn(b, hk, nv + n_text, d, generator=g) + 0.5
+    return tuple(x.to(dtype=dtype, device=device) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_pattern_kernel_matches_torch_reference(dtype):
+    """``pattern_outputs`` (interpreter) against ``_masked_outputs`` on the explicit fp32 score block with the
+    token masks: text keys kept by both masks, padded keys by none, grouped-query rows, a split key range."""
+    from sagevideo.kernels.head_profile import pattern_outputs
+    from sagevideo.sparse.profiling import _masked_outputs, sampled_masks
+
+    grid, n_text = (3, 4, 6), 7
+    b, hq, hk, d = 2, 4, 2, 32
+    q, k, v = _smooth_qkv(b, hq, hk, grid, n_text, d, dtype, seed=1)
+    layout = P.token_layout(grid, 72 + n_text, (72, n_text))
+    rows = sample_rows(layout, 20, torch.Generator().manual_seed(2))
+    kpm = torch.ones(b, 72 + n_text, dtype=torch.bool)
+    kpm[1, -3:] = False  # padded text in entry 1
+    kpm[1, 5] = False  # and one video key
+    g = hq // hk
+    coords = torch.stack(P.video_coords(grid, rows)).repeat(1, g)
+    qs = q[:, :, rows].reshape(b, hk, g * 20, d)
+    got = pattern_outputs(qs, k, v, coords, grid=grid, video_start=0, width=1, radius=1, scale=d**-0.5,
+                          key_padding_mask=kpm, block_m=16, block_n=16, splits=3)
+    spatial, temporal = sampled_masks(layout, rows, 1, 1)
+    scores = (qs.float() @ k.float().transpose(-1, -2)) * d**-0.5  # (b, hk, g·20, S)
+    full = kpm[:, None, None, :]
+    masks = [full] + [m.repeat(g, 1)[None, None] & full for m in (spatial, temporal)]
+    want = torch.stack(_masked_outputs(scores, masks, v.float()))
+    assert got.shape == want.shape and got.dtype == torch.float32
+    # the kernel rounds the weights to the 16-bit dtype (relative 2^-9 for bf16, 2^-11 for fp16)
+    tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # the three outputs differ (the masks drop real mass) and the unmasked one is close to exact attention
+    assert (got[1] - got[0]).abs().max() > 10 * tol and (got[2] - got[0]).abs().max() > 10 * tol
+    exact = torch.softmax(scores.double().masked_fill(~full, float("-inf")), -1) @ v.double()
+    torch.testing.assert_close(got[0].double(), exact, rtol=tol, atol=tol)
+
+
+def test_profile_heads_kernel_backend_matches_torch_backend():
+    """Whole profiling through the kernel (interpreter) and through torch: same classes, close errors, text
+    before the video, BSHD inputs."""
+    grid, n_text = (4, 4, 5), 6
+    q, k, v = _smooth_qkv(2, 4, 2, grid, n_text, 32, torch.float16, seed=4)
+    q, k, v = (torch.cat([x[:, :, 80:], x[:, :, :80]], dim=2) for x in (q, k, v))  # text first
+    layout = P.token_layout(grid, 80 + n_text, (0, n_text))
+    kw = dict(width=1, radius=1, num_samples=24, tolerance=10.0)
+    ct, et = profile_heads(q, k, v, layout, generator=torch.Generator().manual_seed(0), backend="torch", **kw)
+    ck, ek = profile_heads(*(x.transpose(1, 2) for x in (q, k, v)), layout, tensor_layout="BSHD",
+                           generator=torch.Generator().manual_seed(0), backend="triton", **kw)
+    torch.testing.assert_close(ek, et, rtol=5e-3, atol=5e-3)
+    decisive = (et[..., 0] - et[..., 1]).abs() > 2e-2
+    assert bool(decisive.any()) and torch.equal(ck[decisive], ct[decisive])
+
+
+def test_profile_heads_backend_argument(monkeypatch):
+    q, k, v = _smooth_qkv(1, 2, 2, (2, 3, 4), 0, 16, torch.float32, seed=0)
+    layout = P.token_layout((2, 3, 4), 24)
+    with pytest.raises(ValueError, match="backend"):
+        profile_heads(q, k, v, layout, width=0, radius=0, backend="cuda")
+    with pytest.raises(ValueError, match="16-bit"):
+        profile_heads(q, k, v, layout, width=0, radius=0, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="CUDA"):
+        profile_heads(q.half(), k.half(), v.half(), layout, width=0, radius=0, backend="triton")
+
+
+@pytest.mark.gpu
+def test_pattern_kernel_gpu_matches_torch_path():
+    """At the Wan2.1-1.3B 480p shape (12 heads, 32,760 keys, D = 128, bf16): the kernel and the torch path of
+    ``profile_heads`` give the same errors to rounding and the same classes away from near-ties."""
+    grid = (21, 30, 52)
+    q, k, v = _smooth_qkv(1, 12, 12, grid, 0, 128, torch.bfloat16, seed=5, device="cuda")
+    layout = P.token_layout(grid, 32760)
+    kw = dict(width=2, radius=3, num_samples=64, tolerance=10.0)
+    ct, et = profile_heads(q, k, v, layout, generator=torch.Generator().manual_seed(0), backend="torch", **kw)
+    ck, ek = profile_heads(q, k, v, layout, generator=torch.Generator().manual_seed(0), backend="triton", **kw)
+    torch.testing.assert_close(ek, et, rtol=2e-3, atol=2e-3)
+    decisive = (et[..., 0] - et[..., 1]).abs() > 2e-3 * (2 + et.sum(-1)) + 1e-6
+    assert torch.equal(ck[decisive], ct[decisive])

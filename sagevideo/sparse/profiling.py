@@ -10,11 +10,16 @@ the pattern whose output is closer to the exact one wins. We follow that, with t
 
 The masks are the *token* patterns of :mod:`sagevideo.sparse.patterns` with the window sizes the runtime uses
 (the runtime keeps whole blocks, a superset, so its error is normally lower than the profiled one). Cost per
-(batch, head): ``O(samples · S · D)`` — a ``samples × S`` score matrix, never S×S; heads are processed in
-chunks so the fp32 scores stay under ``budget`` elements.
+(batch, head): ``O(samples · S · D)``, never S×S. On CUDA with 16-bit Q/K/V one fused kernel
+(``kernels/head_profile.py``) computes the three outputs in one pass over K and V, the masks built from the
+grid coordinates on chip. The torch path, its reference, forms a ``samples × S`` fp32 score block per head
+(heads in chunks so it stays under ``budget`` elements) and derives the three outputs from one exponential
+(:func:`_masked_outputs`).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -111,6 +116,7 @@ def profile_heads(
     key_padding_mask: torch.Tensor | None = None,
     tensor_layout: str = "BHSD",
     budget: int = 1 << 25,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Classify every (batch, head) as dense (0), spatial (1) or temporal (2).
 
@@ -124,7 +130,11 @@ def profile_heads(
         generator: CPU generator for the row sample (a fixed seed 0 when None).
         scale: softmax scale (``1/sqrt(D)`` when None).
         key_padding_mask: optional bool ``(B, S)``, True = key takes part.
-        budget: most fp32 score elements held at once (heads are chunked to stay under it).
+        budget: most fp32 score elements held at once by the torch path (heads are chunked to stay under it).
+        backend: ``"auto"`` (default) the fused kernel ``kernels/head_profile.py`` (one pass over K and V, the
+            three outputs at once) for 16-bit CUDA Q/K/V of one dtype, the torch path otherwise; ``"torch"``
+            always torch (:func:`_masked_outputs` on an explicit score block, the kernel's reference);
+            ``"triton"`` always the kernel (16-bit inputs on CUDA, or on the CPU under ``TRITON_INTERPRET=1``).
 
     Returns:
         ``(classes, errors)``: int64 ``(B, H)`` and fp32 ``(B, H, 2)`` (relative L2 error of the spatial and
@@ -142,9 +152,18 @@ def profile_heads(
         generator = torch.Generator().manual_seed(0)
     rows = sample_rows(layout, num_samples, generator).to(q.device)
     n = rows.shape[0]
+    errors = torch.empty(b, hq, 2, dtype=torch.float32, device=q.device)
+    if _use_kernel(q, k, v, backend):
+        from sagevideo.kernels.head_profile import pattern_outputs
+
+        coords = torch.stack(video_coords(layout.grid, rows - layout.video_start)).repeat(1, g)  # (3, g·n)
+        qs = q[:, :, rows].reshape(b, hk, g * n, d)  # the sampled rows of the g query heads of each K/V head
+        ref, *outs = pattern_outputs(qs, k, v, coords, grid=layout.grid, video_start=layout.video_start,
+                                     width=width, radius=radius, scale=scale, key_padding_mask=key_padding_mask)
+        _relative_errors(ref, outs, errors, 0, hk, g, n, d)
+        return _classify(errors, tolerance)
     spatial, temporal = sampled_masks(layout, rows, width, radius, q.device)
     kpm = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-    errors = torch.empty(b, hq, 2, dtype=torch.float32, device=q.device)
     chunk = max(1, budget // max(1, b * g * n * s))
     for h0 in range(0, hk, chunk):
         h1 = min(hk, h0 + chunk)
@@ -167,12 +186,41 @@ def profile_heads(
         masks = [full_mask] + [mask.repeat(g, 1)[None, None] & full_mask for mask in (spatial, temporal)]
         ref, *outs = _masked_outputs(scores, masks, vc)
         del scores
-        norm = ref.reshape(b, h1 - h0, g, n * d).norm(dim=-1).clamp_min(1e-30)
-        for i, out in enumerate(outs):
-            err = (out - ref).reshape(b, h1 - h0, g, n * d).norm(dim=-1) / norm
-            errors[:, h0 * g : h1 * g, i] = err.reshape(b, (h1 - h0) * g)
+        _relative_errors(ref, outs, errors, h0, h1, g, n, d)
+    return _classify(errors, tolerance)
+
+
+def _relative_errors(ref, outs, errors, h0, h1, g, n, d):
+    """``errors[:, h0·g : h1·g, i]`` = ``‖outs[i] − ref‖ / ‖ref‖`` over the sampled rows of each query head;
+    ``ref``/``outs`` ``(B, h1 − h0, g·n, D)`` (the rows of the ``g`` query heads of each K/V head)."""
+    b = ref.shape[0]
+    norm = ref.reshape(b, h1 - h0, g, n * d).norm(dim=-1).clamp_min(1e-30)
+    for i, out in enumerate(outs):
+        err = (out - ref).reshape(b, h1 - h0, g, n * d).norm(dim=-1) / norm
+        errors[:, h0 * g : h1 * g, i] = err.reshape(b, (h1 - h0) * g)
+
+
+def _classify(errors, tolerance):
     errors = torch.nan_to_num(errors, nan=float("inf"))
     best_err, best = errors.min(dim=-1)
     classes = torch.where(best == 0, HEAD_SPATIAL, HEAD_TEMPORAL)
     classes = torch.where(best_err <= tolerance, classes, HEAD_DENSE).to(torch.int64)
     return classes, errors
+
+
+_BACKENDS = ("auto", "torch", "triton")
+
+
+def _use_kernel(q, k, v, backend: str) -> bool:
+    if backend not in _BACKENDS:
+        raise ValueError(f"profile_heads: backend must be one of {_BACKENDS}, got {backend!r}")
+    fits = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
+    if backend == "auto":
+        return q.is_cuda and fits
+    if backend == "torch":
+        return False
+    if not fits:
+        raise ValueError("profile_heads: the Triton backend takes q, k, v of one 16-bit dtype")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("profile_heads: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+    return True
