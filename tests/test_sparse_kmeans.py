@@ -479,3 +479,18 @@ def test_bmm_f32_gpu():
     out = bmm_f32(a, b)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.bmm(a.double(), b.double()).float(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [7, 40_000])
+def test_order_by_label_is_the_stable_sort(k):
+    """The sort keys are narrowed (int16 up to 32,767 clusters, int32 beyond): the order and the offsets are
+    those of a stable sort of the int64 labels."""
+    from sagevideo.sparse.kmeans import _order_by_label
+
+    g = torch.Generator().manual_seed(k)
+    labels = torch.randint(0, k, (3, 500), generator=g)
+    labels[:, :50] = k - 1  # many ties, at the largest label
+    order, offsets = _order_by_label(labels, k)
+    assert torch.equal(order, torch.sort(labels, dim=1, stable=True).indices)
+    counts = torch.stack([torch.bincount(row, minlength=k) for row in labels])
+    assert torch.equal(offsets, torch.nn.functional.pad(counts.cumsum(-1), (1, 0)))

@@ -145,7 +145,9 @@ def _order_by_label(labels: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     cluster by cluster, in index order within a cluster — and ``offsets`` ``(N, k + 1)``, where cluster ``c``
     starts in it (``offsets[:, k] = S``)."""
     n = labels.shape[0]
-    sorted_labels, order = torch.sort(labels, dim=1, stable=True)
+    # the narrowest integer keys that hold every label: a radix sort makes a pass per key byte
+    keys = labels.to(torch.int16 if k <= torch.iinfo(torch.int16).max else torch.int32)
+    sorted_labels, order = torch.sort(keys, dim=1, stable=True)
     bounds = torch.arange(k + 1, device=labels.device, dtype=sorted_labels.dtype).expand(n, k + 1).contiguous()
     return order, torch.searchsorted(sorted_labels, bounds)
 
