@@ -337,7 +337,6 @@ def block_mask_to_layout(
     q_live = q_len > 0
     if rows is None:
         count = torch.where(q_live, row_count, 0)
-        keep = keep & q_live[..., None]
     else:
         if nr == 0 and nq:
             raise ValueError("block_mask_to_layout: rows given but block_keep has no rows")
