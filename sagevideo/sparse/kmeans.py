@@ -15,8 +15,8 @@ This is Lloyd's algorithm, batched over the leading dimension:
   never ``N × S × k`` at once;
 * update: per-cluster mean. The labels are sorted stably (``order``: the points cluster by cluster, the
   permutation semantic attention needs anyway) and each cluster's rows summed in fp32. On CUDA (the Triton
-  backend) a kernel gathers each cluster's rows through ``order`` (``kernels/kmeans_sums.py``: every point
-  read once, no atomics, no one-hot matrix); elsewhere a scatter-add (:func:`cluster_sums_reference`). Both
+  backend) a kernel gathers each cluster's rows through ``order``, in parts of at most 1,024 rows
+  (``kernels/kmeans_sums.py``: every point read once, no atomics, no one-hot matrix); elsewhere a scatter-add (:func:`cluster_sums_reference`). Both
   earlier GPU forms cost more: a scatter-add of ~10⁵ rows into ~10³ clusters serialises on atomics (1.3 ms
   per set of 12 heads × 32,760 tokens, H100, 2026-11-23), and a one-hot product ``onehot(labels)ᵀ · x``
   multiplies ``k`` zeros per point and writes the one-hot matrix (~6 GB per round at Wan2.1-14B 720p);
