@@ -84,9 +84,12 @@ def _pattern_kernel(
     for j0 in range(k_lo, k_hi, BLOCK_N):
         cols = j0 + offs_n
         c_ok = cols < k_hi
-        kt = tl.load(K + b * stride_kb + h * stride_kh + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+        # the tile's first row in 64 bits (S × the row stride may pass 2^31: BSHD, long videos), the rest in 32
+        k_tile = K + b * stride_kb + h * stride_kh + tl.cast(j0, tl.int64) * stride_ks
+        v_tile = V + b * stride_vb + h * stride_vh + tl.cast(j0, tl.int64) * stride_vs
+        kt = tl.load(k_tile + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=c_ok[None, :] & d_ok[:, None], other=0.0)  # (BLOCK_D, BLOCK_N)
-        vt = tl.load(V + b * stride_vb + h * stride_vh + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        vt = tl.load(v_tile + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                      mask=c_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
         if DOT_IEEE:
             s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
