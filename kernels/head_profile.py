@@ -3,8 +3,9 @@
 Online head profiling (Sparse VideoGen, Xi et al., arXiv 2502.01776; ``sagevideo.sparse.profiling``) needs,
 for a few sampled query rows of every head, the attention output against all keys three times: unmasked, under
 the spatial mask and under the temporal mask. Done with torch ops this is a ``rows × S`` fp32 score block per
-head, written once and then read and written again by about ten elementwise passes (16 at Wan2.1-14B 720p:
-~13 GB of memory traffic per plan). Here one pass over K and V does it, FlashAttention-style (Dao et al.
+head, written once and then read and written again by elementwise passes (by a count of its ops, about 16
+passes of the block, ~13 GB of memory traffic per plan at Wan2.1-14B 720p; 11.6 ms on an H100 against 3.1 ms
+for this kernel, 2026-11-24). Here one pass over K and V does it, FlashAttention-style (Dao et al.
 2022): a program keeps a block of sampled rows on chip, streams a range of keys in tiles, computes the scores
 on the tensor cores, builds both masks from the latent-grid coordinates of the rows and the keys, and keeps
 three running sums of weights and of weighted values. The three share one running maximum, the unmasked one:
