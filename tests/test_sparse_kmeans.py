@@ -470,17 +470,6 @@ def test_cluster_sums_kernel_wan_size_gpu():
     assert torch.equal(got, cluster_sums(x, *_order_by_label(labels, 1000)))  # the same bits every run
 
 
-@pytest.mark.gpu
-def test_bmm_f32_gpu():
-    from sagevideo.sparse.kmeans import bmm_f32
-
-    x, _ = _wan_like(3, s=8192, k=1000)
-    a, b = x[:2, :64], x[:2, 64:192].transpose(1, 2)
-    out = bmm_f32(a, b)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, torch.bmm(a.double(), b.double()).float(), rtol=1e-5, atol=1e-4)
-
-
 @pytest.mark.parametrize("k", [7, 40_000])
 def test_order_by_label_is_the_stable_sort(k):
     """The sort keys are narrowed (int16 up to 32,767 clusters, int32 beyond): the order and the offsets are

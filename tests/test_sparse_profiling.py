@@ -249,3 +249,15 @@ def test_pattern_kernel_gpu_matches_torch_path():
     torch.testing.assert_close(ek, et, rtol=2e-3, atol=2e-3)
     decisive = (et[..., 0] - et[..., 1]).abs() > 2e-3 * (2 + et.sum(-1)) + 1e-6
     assert torch.equal(ck[decisive], ct[decisive])
+
+
+@pytest.mark.gpu
+def test_bmm_f32_gpu():
+    from sagevideo.sparse.profiling import bmm_f32
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    x = (torch.randn(2, 8192, 128, generator=g, device="cuda") + 2).to(torch.bfloat16)
+    a, b = x[:2, :64], x[:2, 64:192].transpose(1, 2)
+    out = bmm_f32(a, b)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.bmm(a.double(), b.double()).float(), rtol=1e-5, atol=1e-4)

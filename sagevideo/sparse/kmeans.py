@@ -36,32 +36,7 @@ import os
 
 import torch
 
-__all__ = ["KMeansResult", "bmm_f32", "init_centroids", "batched_kmeans"]
-
-
-_BMM_OUT_DTYPE: bool | None = None
-
-
-def _bmm_out_dtype_works(device: torch.device) -> bool:
-    global _BMM_OUT_DTYPE
-    if _BMM_OUT_DTYPE is None:
-        try:
-            a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device=device)
-            _BMM_OUT_DTYPE = bool(torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32)
-        except (RuntimeError, TypeError, NotImplementedError):
-            _BMM_OUT_DTYPE = False
-    return _BMM_OUT_DTYPE
-
-
-def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` for 3-D ``a``/``b``, in fp32: two 16-bit CUDA operands of one dtype are multiplied as they are
-    (exact products, fp32 accumulation: what an fp32 product of the same values gives, up to summation order,
-    without fp32 copies and on the tensor cores; ``torch.bmm(..., out_dtype=torch.float32)``); anything else is
-    upcast to fp32 first."""
-    if (a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
-            and _bmm_out_dtype_works(a.device)):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
+__all__ = ["KMeansResult", "init_centroids", "batched_kmeans"]
 
 
 @dataclasses.dataclass
@@ -117,18 +92,21 @@ def _assign(x, centroids, budget):
 _BACKENDS = ("auto", "torch", "triton")
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
+def use_triton(backend: str, x: torch.Tensor, *, fits: bool, where: str, takes: str) -> bool:
+    """Whether a ``backend`` argument (``"auto"``, ``"torch"`` or ``"triton"``) selects a Triton kernel for
+    tensors like ``x``: ``"auto"`` when ``x`` is on CUDA and ``fits`` (the kernel takes these dtypes);
+    ``"triton"`` always, after checking ``fits`` and that ``x`` is on CUDA or the Triton interpreter is on
+    (``TRITON_INTERPRET=1``); errors name ``where`` and what the kernel ``takes``."""
     if backend not in _BACKENDS:
-        raise ValueError(f"k-means: backend must be one of {_BACKENDS}, got {backend!r}")
-    fits = x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        raise ValueError(f"{where}: backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
         return x.is_cuda and fits
     if backend == "torch":
         return False
     if not fits:
-        raise ValueError(f"k-means: the Triton backend takes fp16, bf16 or fp32 points, got {x.dtype}")
+        raise ValueError(f"{where}: the Triton backend takes {takes}")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("k-means: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
+        raise ValueError(f"{where}: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
     return True
 
 
@@ -236,7 +214,8 @@ def batched_kmeans(
                 f"k-means: init centroids must be (N, k, D) = {(x.shape[0], k, x.shape[2])}, got {tuple(init.shape)}"
             )
         centroids = init.to(device=x.device, dtype=_work_dtype(x))
-    triton_assign = _use_triton(x, backend)
+    triton_assign = use_triton(backend, x, fits=x.dtype in (torch.float16, torch.bfloat16, torch.float32),
+                               where="k-means", takes=f"fp16, bf16 or fp32 points, got {x.dtype}")
     done = 0
     for _ in range(iters):
         if triton_assign:

@@ -19,12 +19,10 @@ grid coordinates on chip. The torch path, its reference, forms a ``samples × S`
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sagevideo.context import TokenLayout
-from sagevideo.sparse.kmeans import bmm_f32
+from sagevideo.sparse.kmeans import use_triton
 from sagevideo.reference import default_scale
 from sagevideo.sparse.patterns import (
     HEAD_DENSE,
@@ -64,6 +62,31 @@ def sampled_masks(layout: TokenLayout, rows: torch.Tensor, width: int, radius: i
     spatial[:, layout.video_slice] = spatial_token_keep(tq, tk, width)
     temporal[:, layout.video_slice] = temporal_token_keep(hq, wq, hk, wk, radius)
     return spatial, temporal
+
+
+_BMM_OUT_DTYPE: bool | None = None
+
+
+def _bmm_out_dtype_works(device: torch.device) -> bool:
+    global _BMM_OUT_DTYPE
+    if _BMM_OUT_DTYPE is None:
+        try:
+            a = torch.ones(1, 2, 2, dtype=torch.bfloat16, device=device)
+            _BMM_OUT_DTYPE = bool(torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _BMM_OUT_DTYPE = False
+    return _BMM_OUT_DTYPE
+
+
+def bmm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for 3-D ``a``/``b``, in fp32: two 16-bit CUDA operands of one dtype are multiplied as they are
+    (exact products, fp32 accumulation: what an fp32 product of the same values gives, up to summation order,
+    without fp32 copies and on the tensor cores; ``torch.bmm(..., out_dtype=torch.float32)``); anything else is
+    upcast to fp32 first."""
+    if (a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+            and _bmm_out_dtype_works(a.device)):
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
 
 
 def _masked_outputs(scores, masks, v):
@@ -153,7 +176,8 @@ def profile_heads(
     rows = sample_rows(layout, num_samples, generator).to(q.device)
     n = rows.shape[0]
     errors = torch.empty(b, hq, 2, dtype=torch.float32, device=q.device)
-    if _use_kernel(q, k, v, backend):
+    if use_triton(backend, q, fits=q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype,
+                  where="profile_heads", takes="q, k, v of one 16-bit dtype"):
         from sagevideo.kernels.head_profile import pattern_outputs
 
         coords = torch.stack(video_coords(layout.grid, rows - layout.video_start)).repeat(1, g)  # (3, g·n)
@@ -206,21 +230,3 @@ def _classify(errors, tolerance):
     classes = torch.where(best == 0, HEAD_SPATIAL, HEAD_TEMPORAL)
     classes = torch.where(best_err <= tolerance, classes, HEAD_DENSE).to(torch.int64)
     return classes, errors
-
-
-_BACKENDS = ("auto", "torch", "triton")
-
-
-def _use_kernel(q, k, v, backend: str) -> bool:
-    if backend not in _BACKENDS:
-        raise ValueError(f"profile_heads: backend must be one of {_BACKENDS}, got {backend!r}")
-    fits = q.dtype in (torch.float16, torch.bfloat16) and q.dtype == k.dtype == v.dtype
-    if backend == "auto":
-        return q.is_cuda and fits
-    if backend == "torch":
-        return False
-    if not fits:
-        raise ValueError("profile_heads: the Triton backend takes q, k, v of one 16-bit dtype")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        raise ValueError("profile_heads: the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1)")
-    return True
