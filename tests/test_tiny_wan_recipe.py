@@ -686,3 +686,24 @@ def test_prefetcher_hands_out_what_produce_returns_and_reraises_its_errors():
     assert all(name.startswith("prefetch") for _, name in calls)  # all of it in the worker thread
     off = Prefetcher(produce, torch.device("cpu"), enabled=False)
     assert off.get(4)[1] == "captions 4" and calls[-1] == (4, threading.current_thread().name)
+
+
+def test_model_card_describes_the_recorded_preset_not_the_current_one():
+    """The card of an assembled model states the configuration its run recorded in state.json: a preset edited
+    after the run (say, for the next recipe) must not rewrite an older model's card."""
+    from pathlib import Path
+
+    from sagevideo.recipes.tiny_wan.assemble import _sci, model_card
+    from sagevideo.recipes.tiny_wan.train import PRESETS
+
+    state = json.loads((Path(__file__).resolve().parents[1] / "assets" / "tiny-wan" / "training" /
+                        "state.json").read_text())
+    current = model_card(state, None, "", None)
+    recorded = dict(state["configs"]["preset"], vae_lr=PRESETS["full"]["vae_lr"] * 3, dit_warmup=777)
+    state["configs"]["preset"] = recorded
+    card = model_card(state, None, "", None)
+    assert "warmup 777" in card and "warmup 777" not in current
+    vae_lr = f"lr {_sci(recorded['vae_lr'])},"
+    assert vae_lr in card and vae_lr not in current
+    # without a record (a card written before training) the current preset is described
+    assert f"warmup {PRESETS['full']['dit_warmup']}" in model_card(None, None, "", None)

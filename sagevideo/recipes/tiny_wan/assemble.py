@@ -193,7 +193,8 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
     def p(name, default):
         return f"{params[name] / 1e6:.2f} M" if name in params else default
 
-    full = PRESETS["full"]
+    # the configuration the run recorded: a later change to the preset must not rewrite an older model's card
+    full = dict(PRESETS["full"], **((state or {}).get("configs", {}).get("preset") or {}))
     if state:
         trained_min = sum(state.get(k, {}).get("seconds", 0.0) for k in ("vae", "vae_decoder", "dit")) / 60.0
         n_calls = len(state.get("calls", []))
