@@ -51,6 +51,8 @@ import time
 
 import torch
 
+from sagevideo.testing import denoising_steps, locality_qkv
+
 # name -> ((B, H, S, D), (T, H, W) latent grid, extra text tokens)
 SHAPES = {
     "wan2.1-1.3b-480p": ((1, 12, 32760, 128), (21, 30, 52), 0),
@@ -83,54 +85,6 @@ class Row:
 # ----------------------------------------------------------------------------------------------------------
 # inputs and layouts
 # ----------------------------------------------------------------------------------------------------------
-
-
-def locality_qkv(b, h, grid, extra, d, *, dtype, device, seed):
-    """Q, K, V ``(B, H, S, D)`` with spatial-temporal locality: a smooth random field over the (T, H, W) grid
-    shared by Q and K (so nearby tokens score high) with two outlier channels (×8), plus noise; K gets a
-    per-channel offset and V a per-channel bias (the structure of ``sagevideo.testing.structured_qkv``)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    t, hh, ww = grid
-    s = t * hh * ww + extra
-    low = (max(2, t // 3), max(2, hh // 5), max(2, ww // 5))
-    out = [torch.empty((b, h, s, d), dtype=dtype, device=device) for _ in range(3)]
-    ch = torch.randperm(d, generator=g, device=device)[:2]
-    for hi in range(h):
-        field = torch.randn(b, d, *low, generator=g, device=device)
-        field = torch.nn.functional.interpolate(field, size=grid, mode="trilinear", align_corners=False)
-        field = field.flatten(2).transpose(1, 2)  # (B, T*H*W, D)
-        field = field / field.std().clamp_min(1e-6)
-        text = torch.randn(b, extra, d, generator=g, device=device)
-        base = torch.cat([field, text], dim=1) * 1.5
-        base[..., ch] *= 8.0  # outlier channels: large, but smooth over the grid like the rest of the field
-
-        def noise():
-            return torch.randn(b, s, d, generator=g, device=device)
-
-        q = base + noise()
-        k = base + noise() + 4.0 * torch.randn(1, 1, d, generator=g, device=device)
-        v = noise() + torch.randn(1, 1, d, generator=g, device=device)
-        for dst, src in zip(out, (q, k, v)):
-            dst[:, hi] = src.to(dtype)
-    return tuple(out)
-
-
-STEP_NOISE = 0.1
-
-
-def denoising_steps(qkv, n, *, seed):
-    """``n`` input sets standing for consecutive denoising steps of one video: ``qkv`` itself, then copies
-    with ``STEP_NOISE`` (relative to each tensor's std) of fresh Gaussian noise added, cosine ≈ 0.995 to it.
-    The methods' rows cycle through these: their state (centroids, head classes) is warm-started from the
-    previous call, which in a sampler is the previous step of the same video. Cycling through unrelated
-    inputs instead (before 2026-11-24) warm-started k-means from another video's centroids: coarser,
-    unbalanced clusters and a denser, slower plan than a sampler sees."""
-    g = torch.Generator(device=qkv[0].device).manual_seed(seed)
-    def step(t):
-        noise = torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32)
-        return (t.float() + STEP_NOISE * t.float().std() * noise).to(t.dtype)
-
-    return [tuple(qkv)] + [tuple(step(t) for t in qkv) for _ in range(1, n)]
 
 
 def tile_order(grid, extra, tile, device):

@@ -7,7 +7,12 @@ CUDA events through ``triton.testing.do_bench``, after warm-up):
   kernel alone on pre-quantized operands, and the quantization pass alone;
 * torch SDPA with the cuDNN and the flash backends (bf16);
 * PyPI ``sageattention`` (its Triton kernel, INT8 QK + FP16 PV) when importable;
-* FlashAttention-4 (``flash_attn.cute``) when importable.
+* FlashAttention-4 (``flash_attn.cute``) when importable;
+* on request (``sparse-spatiotemporal``, ``sparse-semantic``), the whole ``sagevideo.sparse_attention`` call in
+  ``int8-fp8``, pattern search included, with each method's defaults, on inputs with locality over the shape's
+  latent grid (``sagevideo.testing.locality_qkv``) that stand for consecutive denoising steps of one video
+  (``denoising_steps``), so the method's state is warm-started as in a sampler. Its accuracy is against float32
+  *dense* attention on those inputs: what the pattern and the quantization cost together.
 
 Throughput is reported as 4·B·H·S²·D / time (TFLOPS for dense peers, TOPS for quantized ones) and as the
 ratio to SDPA-cuDNN measured in the same run — absolute times drift between runs, ratios are the figure.
@@ -17,6 +22,7 @@ Accuracy columns (cosine, relative L1) compare a sample of query rows with a flo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import time
@@ -30,6 +36,19 @@ SHAPES = {
     "hunyuan-720p": (1, 24, 119056, 128),
     "cogvideox-5b": (1, 48, 17776, 64),
 }
+
+
+# the post-patch latent grid (T, H, W) of each shape and its text tokens in the joint sequence, for the sparse
+# methods: (grid, text tokens, text before the video)
+VIDEO_LAYOUT = {
+    "wan2.1-1.3b-480p": ((21, 30, 52), 0, False),
+    "wan2.1-14b-720p": ((21, 45, 80), 0, False),
+    "hunyuan-720p": ((33, 45, 80), 256, False),
+    "cogvideox-5b": ((13, 30, 45), 226, True),
+}
+DENSE_MODES = ("int8-fp8", "int8-fp16")
+SPARSE_MODES = {"sparse-spatiotemporal": "spatiotemporal", "sparse-semantic": "semantic"}
+MODES = DENSE_MODES + tuple(SPARSE_MODES)
 
 
 @dataclasses.dataclass
@@ -122,6 +141,9 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         m = error_metrics(out[:, :, rows], ref)
         return m["cos"], m["rel_l1"]
 
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
     results: list[Row] = []
     for pname, fn in _peers(q, k, v).items():
         try:
@@ -132,7 +154,7 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
             results.append(Row(name, pname, float("nan"), float("nan"), note=f"failed: {type(exc).__name__}: {exc}"[:120]))
         log(f"  {name} {pname}: {results[-1].ms:.3f} ms")
 
-    for mode in modes:
+    for mode in (m for m in modes if m in DENSE_MODES):
         full = lambda: sagevideo.attention(q, k, v, precision=mode)  # noqa: E731
         ms = time_it(full)
         c, l1 = acc(full())
@@ -151,13 +173,61 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         log(f"  {name} {mode}: {ms:.3f} ms (kernel {kern_ms:.3f}, fused quant {fused_ms:.3f}, "
             f"three-launch quant {quant_ms:.3f})")
         del qkv, out
+    sparse = [m for m in modes if m in SPARSE_MODES]
+    if sparse:
+        del q, k, v, ref
+        results += sparse_rows(name, shape, sparse, time_it, sample_rows=sample_rows, seed=seed, device="cuda",
+                               log=log)
     cudnn = next((r.ms for r in results if r.provider == "sdpa-cudnn" and r.ms == r.ms), None)
     for r in results:
         if cudnn and r.ms == r.ms and not r.provider.endswith(("quant (fused)", "quant (three launches)")):
             r.vs_cudnn = cudnn / r.ms
-    del q, k, v
     torch.cuda.empty_cache()
     return results
+
+
+def sparse_rows(name: str, shape, modes, time_it, *, layout=None, sample_rows: int = 256, seed: int = 0,
+                steps: int = 4, device="cuda", precision: str = "int8-fp8", log=print) -> list[Row]:
+    """One row per sparse mode: ``time_it(fn)`` (milliseconds) of the whole ``sparse_attention`` call, cycling
+    through ``steps`` consecutive-step inputs with one state (warm after a first, cold call), and the error of
+    its output on the first input against float32 dense attention on a sample of query rows. ``layout`` is
+    ``(grid, text tokens, text first)``, ``VIDEO_LAYOUT[name]`` by default."""
+    import sagevideo
+    from sagevideo.sparse.api import SparseState
+    from sagevideo.testing import denoising_steps, error_metrics, locality_qkv
+
+    b, h, s, d = shape
+    grid, text_len, text_first = layout or VIDEO_LAYOUT[name]
+    if grid[0] * grid[1] * grid[2] + text_len != s:
+        raise ValueError(f"{name}: grid {grid} + {text_len} text tokens != sequence length {s}")
+    text = None if not text_len else ((0, text_len) if text_first else (s - text_len, text_len))
+    first = locality_qkv(b, h, grid, text_len, d, dtype=torch.bfloat16, device=device, seed=seed,
+                         text_first=text_first)
+    inputs = denoising_steps(first, steps, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(s, generator=g)[: min(sample_rows, s)].to(device)
+    ref = _sample_reference(*first, rows)
+    out: list[Row] = []
+    for mode in modes:
+        method = SPARSE_MODES[mode]
+        state = SparseState()
+        calls = itertools.count()
+
+        def call(x, i):
+            return sagevideo.sparse_attention(*x, grid=grid, text=text, method=method, precision=precision,
+                                              state=state, step=i)
+
+        call(inputs[0], next(calls))  # cold: the first profile / 50 k-means rounds, as on a sampler's first step
+        ms = time_it(lambda: call(inputs[(i := next(calls)) % steps], i))
+        got = call(inputs[0], next(calls))
+        m = error_metrics(got[:, :, rows], ref)
+        plan = state.plan
+        density = float(plan.density) if plan is not None else float("nan")
+        note = f"density {density:.3f}, {precision}, pattern search every call (warm state), locality inputs"
+        out.append(Row(name, f"sagevideo {mode}", ms, _flops(b, h, s, d) / ms / 1e9, cos=m["cos"],
+                       rel_l1=m["rel_l1"], note=note))
+        log(f"  {name} {mode}: {ms:.3f} ms, density {density:.3f}, cos {m['cos']:.4f} against dense fp32")
+    return out
 
 
 def format_table(rows: list[Row]) -> str:

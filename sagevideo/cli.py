@@ -123,6 +123,10 @@ BENCH_EPILOG = """\
 examples:
   sagevideo bench                                   # every shape, int8-fp8 and int8-fp16
   sagevideo bench --shapes wan2.1-1.3b-480p --modes int8-fp8 --rep-ms 500 --json bench.json
+  sagevideo bench --shapes wan2.1-14b-720p --modes int8-fp8 sparse-spatiotemporal sparse-semantic
+
+The sparse modes time the whole sparse_attention call (pattern search included, warm state) on inputs with
+locality over the shape's latent grid; their cos / rel-L1 are against dense float32 attention.
 
 Needs a CUDA GPU; without one it says so and exits with status 2.
 """
@@ -163,12 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="attention kernel benchmark on this machine's GPU", epilog=BENCH_EPILOG,
                        formatter_class=_Formatter,
-                       description="Time sagevideo's quantized attention against torch SDPA (and other installed "
+                       description="Time sagevideo's quantized (and, on request, sparse) attention against torch SDPA (and other installed "
                        "kernels) and print the table with ratios against SDPA-cuDNN.")
     b.add_argument("--shapes", nargs="+", default=None, metavar="SHAPE",
                    help="benchmark shapes (default: all): " + ", ".join(_bench_shapes()))
-    b.add_argument("--modes", nargs="+", default=["int8-fp8", "int8-fp16"], choices=["int8-fp8", "int8-fp16"],
-                   help="sagevideo modes to time (default: both)")
+    b.add_argument("--modes", nargs="+", default=["int8-fp8", "int8-fp16"], choices=_bench_modes(),
+                   help="sagevideo modes to time (default: int8-fp8 int8-fp16; the sparse ones on request)")
     b.add_argument("--rep-ms", type=_positive_int, default=2000, help="measuring time per provider in milliseconds (default: 2000)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the rows and environment to this JSON file")
 
@@ -185,6 +189,12 @@ def _version() -> str:
         return __version__
     except ImportError:  # pragma: no cover
         return "unknown"
+
+
+def _bench_modes() -> list[str]:
+    from sagevideo import bench
+
+    return list(bench.MODES)
 
 
 def _bench_shapes() -> list[str]:

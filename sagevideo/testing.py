@@ -60,6 +60,60 @@ def structured_qkv(
     return tuple(out)
 
 
+def locality_qkv(b, h, grid, extra, d, *, dtype=torch.bfloat16, device="cpu", seed=0, text_first=False):
+    """Q, K, V ``(B, H, S, D)`` with spatial-temporal locality, ``S = T·H·W + extra``: a smooth random field
+    over the (T, H, W) grid (frame-major) shared by Q and K (so nearby tokens score high) with two outlier
+    channels (×8), plus noise; K gets a per-channel offset and V a per-channel bias (the structure of
+    :func:`structured_qkv`). ``extra`` text tokens of plain noise follow the video, or precede it with
+    ``text_first`` (CogVideoX's order). The inputs of the sparse benchmarks: sparse patterns need locality,
+    which Gaussian noise lacks."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    t, hh, ww = grid
+    s = t * hh * ww + extra
+    low = (max(2, t // 3), max(2, hh // 5), max(2, ww // 5))
+    out = [torch.empty((b, h, s, d), dtype=dtype, device=device) for _ in range(3)]
+    ch = torch.randperm(d, generator=g, device=device)[:2]
+    for hi in range(h):
+        field = torch.randn(b, d, *low, generator=g, device=device)
+        field = torch.nn.functional.interpolate(field, size=grid, mode="trilinear", align_corners=False)
+        field = field.flatten(2).transpose(1, 2)  # (B, T*H*W, D)
+        field = field / field.std().clamp_min(1e-6)
+        text = torch.randn(b, extra, d, generator=g, device=device)
+        base = torch.cat([field, text], dim=1) * 1.5
+        base[..., ch] *= 8.0  # outlier channels: large, but smooth over the grid like the rest of the field
+
+        def noise():
+            return torch.randn(b, s, d, generator=g, device=device)
+
+        q = base + noise()
+        k = base + noise() + 4.0 * torch.randn(1, 1, d, generator=g, device=device)
+        v = noise() + torch.randn(1, 1, d, generator=g, device=device)
+        for dst, src in zip(out, (q, k, v)):
+            if text_first:
+                src = torch.cat([src[:, s - extra:], src[:, : s - extra]], dim=1)
+            dst[:, hi] = src.to(dtype)
+    return tuple(out)
+
+
+STEP_NOISE = 0.1
+
+
+def denoising_steps(qkv, n, *, seed):
+    """``n`` input sets standing for consecutive denoising steps of one video: ``qkv`` itself, then copies
+    with ``STEP_NOISE`` (relative to each tensor's std) of fresh Gaussian noise added, cosine ≈ 0.995 to it.
+    The sparse methods' benchmark rows cycle through these: their state (centroids, head classes) is then
+    warm-started from the previous call, which in a sampler is the previous step of the same video. Cycling
+    through unrelated inputs instead (``benchmarks/sparse.py`` before 2026-11-24) warm-started k-means from
+    another video's centroids: coarser, unbalanced clusters and a denser, slower plan than a sampler sees."""
+    g = torch.Generator(device=qkv[0].device).manual_seed(seed)
+
+    def step(t):
+        noise = torch.randn(t.shape, generator=g, device=t.device, dtype=torch.float32)
+        return (t.float() + STEP_NOISE * t.float().std() * noise).to(t.dtype)
+
+    return [tuple(qkv)] + [tuple(step(t) for t in qkv) for _ in range(1, n)]
+
+
 def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     """Cosine similarity, relative L1 (Σ|o−r| / Σ|r|) and relative L2 of ``out`` against ``ref`` (float64)."""
     if out.shape != ref.shape:  # flattening would compare unrelated elements (e.g. BSHD against BHSD)

@@ -77,12 +77,14 @@ def test_smoke_run_writes_accurate_rows(tmp_path, perm):
     assert abs(full["rel_l1_full"] - dense_op["rel_l1"]) < 0.01  # every block kept = the dense op's error
 
 
-def test_denoising_steps_are_close_copies(bench):
+def test_denoising_steps_are_close_copies():
     """The methods' rows cycle through one video's consecutive steps: the first set itself, then copies at
     cosine ≈ 0.995 (``STEP_NOISE`` 0.1 of each tensor's std), the same for the same seed, dtype kept."""
     g = torch.Generator().manual_seed(0)
     qkv = tuple((3 * torch.randn(2, 3, 50, 16, generator=g) + 1).to(torch.bfloat16) for _ in range(3))
-    steps = bench.denoising_steps(qkv, 3, seed=7)
+    from sagevideo.testing import denoising_steps
+
+    steps = denoising_steps(qkv, 3, seed=7)
     assert len(steps) == 3 and all(a is b for a, b in zip(steps[0], qkv))
     for later in steps[1:]:
         for t, u in zip(qkv, later):
@@ -90,5 +92,5 @@ def test_denoising_steps_are_close_copies(bench):
             cos = torch.nn.functional.cosine_similarity(t.float().flatten(), u.float().flatten(), dim=0)
             assert 0.99 < float(cos) < 0.999
     assert not torch.equal(steps[1][0], steps[2][0])
-    again = bench.denoising_steps(qkv, 3, seed=7)
+    again = denoising_steps(qkv, 3, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(steps[2], again[2]))
