@@ -175,7 +175,6 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         del qkv, out
     sparse = [m for m in modes if m in SPARSE_MODES]
     if sparse:
-        del q, k, v, ref
         results += sparse_rows(name, shape, sparse, time_it, sample_rows=sample_rows, seed=seed, device="cuda",
                                log=log)
     cudnn = next((r.ms for r in results if r.provider == "sdpa-cudnn" and r.ms == r.ms), None)
