@@ -189,7 +189,7 @@ def sampled_reference(q, k, v, rows, mask_rows=None):
 
 
 def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sample_rows, perm_kind, tile, block,
-                smoke, profile_plan=False, log=print):
+                smoke, profile_plan=False, plan_graphs=("auto",), log=print):
     import sagevideo
     from sagevideo.bench import _flops
     from sagevideo.sparse import blocks
@@ -274,7 +274,10 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
     text = (s - extra, extra) if extra else None
     steps = denoising_steps(sets[0], fresh, seed=1000)
-    for method, kw in (("spatiotemporal", {}), ("semantic", {"q_clusters": 4, "k_clusters": 8} if smoke else {})):
+    semantic_kw = {"q_clusters": 4, "k_clusters": 8} if smoke else {}
+    methods = [("spatiotemporal", {}, "")] + [
+        ("semantic", dict(semantic_kw, plan_graph=g), " [no graph]" if g is False else "") for g in plan_graphs]
+    for method, kw, tag in methods:
         kw = dict(kw, grid=grid, text=text, method=method, block_m=block, **({"block_n": block} if smoke else {}))
         state = SparseState()
         step = iter(range(1, 10**6))
@@ -291,8 +294,8 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
         def full(x, kw=kw):
             return sparse_attention(*x, state=state, step=next(step), precision="int8-fp8", **kw)
 
-        add(f"plan {method}", density, plan_ms, note="pattern search + permutation only (warm state)")
-        add(f"sparse_attention {method}", density, measure(full, steps, warmup=warmup, reps=reps, cuda=cuda),
+        add(f"plan {method}{tag}", density, plan_ms, note="pattern search + permutation only (warm state)")
+        add(f"sparse_attention {method}{tag}", density, measure(full, steps, warmup=warmup, reps=reps, cuda=cuda),
             full(steps[0]), note="int8-fp8, planning included")
     cudnn = next((r.ms for r in results if r.provider == sdpa_name and r.ms == r.ms), None)
     for r in results:
@@ -360,6 +363,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="write the rows and the environment to this JSON file")
     ap.add_argument("--profile-plan", action="store_true",
                     help="print a torch.profiler table of one warm plan call per method (where the overhead goes)")
+    ap.add_argument("--plan-graph", choices=["auto", "on", "off", "both"], default="auto",
+                    help="semantic rows: sparse_attention's plan_graph - auto (its default: a CUDA graph of the "
+                         "warm plan at small shapes), on (always), off (rows tagged [no graph]), or both (off, "
+                         "then on)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, tiny shape, few calls: checks the script end to end in seconds (not a measurement)")
     args = ap.parse_args(argv)
@@ -396,7 +403,9 @@ def main(argv=None) -> int:
     for n in names:
         rows += bench_shape(n, shapes[n], precisions=args.precisions, densities=args.densities, reps=reps,
                             warmup=warmup, fresh=fresh, sample_rows=sample_rows, perm_kind=args.perm, tile=tile,
-                            block=block, smoke=args.smoke, profile_plan=args.profile_plan)
+                            block=block, smoke=args.smoke, profile_plan=args.profile_plan,
+                            plan_graphs={"auto": ("auto",), "on": (True,), "off": (False,),
+                                         "both": (False, True)}[args.plan_graph])
     if torch.cuda.is_available() and not args.smoke:
         from sagevideo.kernels import block_sparse_attn
 

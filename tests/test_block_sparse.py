@@ -27,6 +27,7 @@ from sagevideo.sparse.blocks import (
     block_sparse_reference,
     cluster_blocks,
     layout_token_mask,
+    max_cluster_blocks,
     uniform_blocks,
 )
 from sagevideo.testing import error_metrics, structured_qkv
@@ -561,6 +562,49 @@ def test_cluster_blocks_aligned_cuts(offset):
                 assert pos == offset + 300
         pad = ~live & (cl == -1)
         assert (st[pad] == offset + 300).all()
+
+
+@pytest.mark.parametrize("align,offset", [(1, 0), (16, 0), (16, 5), (16, 15)])
+def test_static_cluster_blocks_are_the_data_cut_padded(align, offset):
+    """``cluster_blocks(num_blocks=max_cluster_blocks(...), seq_len=S)`` (no host sync): the blocks of the data's
+    cut, then padding slots; the bound holds for random sizes and for the worst case (every cluster one row
+    past an aligned cut, each then split once more), and a count below it is refused."""
+    s, c = 300, 40
+    worst = torch.zeros(1, 2, c, dtype=torch.long)
+    worst[0, 0, :] = s // c  # 7.5 rows each: ragged leads everywhere
+    worst[0, 0, -1] += s - worst[0, 0].sum()
+    worst[0, 1, :30] = 1  # 30 one-row clusters, then ten that straddle as many cuts as they can
+    worst[0, 1, 30:] = (s - 30) // 10
+    for sizes in (_random_sizes(2, 3, s, c, seed=81), worst, _random_sizes(1, 2, s, c, seed=82)):
+        for block in (16, 64):
+            n_max = max_cluster_blocks(s, c, block, align)
+            st, ln, cl = cluster_blocks(sizes, block, align=align, offset=offset)
+            assert st.shape[-1] <= n_max
+            fs, fl, fc = cluster_blocks(sizes, block, align=align, offset=offset, num_blocks=n_max, seq_len=s)
+            assert fs.shape[-1] == n_max
+            n = st.shape[-1]
+            assert torch.equal(fs[..., :n], st) and torch.equal(fl[..., :n], ln) and torch.equal(fc[..., :n], cl)
+            assert (fl[..., n:] == 0).all() and (fc[..., n:] == -1).all() and (fs[..., n:] == offset + s).all()
+            with pytest.raises(ValueError, match="below the bound"):
+                cluster_blocks(sizes, block, align=align, offset=offset, num_blocks=n_max - 1, seq_len=s)
+    with pytest.raises(ValueError, match="together"):
+        cluster_blocks(worst, 16, num_blocks=100)
+
+
+def test_block_mask_to_layout_with_stated_geometry_is_the_same_mask():
+    """``block_mask_to_layout(kv_geometry=...)`` (static: lists NK long, no sync) gives the token mask and the
+    counts of the measured form, and carries the stated geometry."""
+    b, h, sq, skv = 2, 3, 90, 130
+    qs, ql, _ = cluster_blocks(_random_sizes(b, h, sq, 5, 91), 16)
+    ks, kl, _ = cluster_blocks(_random_sizes(b, h, skv, 6, 92), 32, align=16)
+    g = torch.Generator().manual_seed(93)
+    keep = torch.rand(b, h, qs.shape[-1], ks.shape[-1], generator=g) < 0.4
+    dyn = block_mask_to_layout(qs, ql, ks, kl, keep, 16, 32)
+    fixed = block_mask_to_layout(qs, ql, ks, kl, keep, 16, 32, kv_geometry=(False, 32))
+    assert fixed.kv_index.shape[-1] == ks.shape[-1] and dyn.kv_index.shape[-1] <= ks.shape[-1]
+    assert torch.equal(fixed.kv_count, dyn.kv_count)
+    assert torch.equal(layout_token_mask(fixed, sq, skv), layout_token_mask(dyn, sq, skv))
+    assert fixed.kv_geometry() == (False, 32) and dyn.kv_geometry()[1] <= 32
 
 
 @pytest.mark.skipif(not (HAS_CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")

@@ -400,6 +400,7 @@ def test_batch_entries_get_different_plans():
         (dict(grid=(2, 3, 4), precision="fp4"), "precision"),
         (dict(grid=(2, 3, 4), block_n="64"), "block_n must be an int"),
         (dict(grid=(2, 3, 4), block_m=8), "block_m must be an int ≥ 16"),
+        (dict(grid=(2, 3, 4), plan_graph="yes"), "plan_graph must be True, False or 'auto'"),
     ],
 )
 def test_bad_input_errors(kwargs, match):

@@ -144,3 +144,157 @@ def test_top_p_one_keeps_everything_and_warm_start_shapes():
     assert plan.info["q_centroids"].shape == (2, 24, 8)
     with pytest.raises(ValueError, match="cluster count"):
         plan_semantic(q, k, layout, q_clusters=5, k_clusters=5, q_init=torch.zeros(2, 4, 8))
+
+
+def _warm_plans(static, text_first, seed=7, **extra):
+    """A cold plan, then a warm-started one from its centroids (what a sampler's second step does)."""
+    grid, n_text, n_video = (3, 4, 6), 5, 72
+    text = None if text_first is None else ((0, n_text) if text_first else (n_video, n_text))
+    s = n_video + (0 if text is None else n_text)
+    layout = P.token_layout(grid, s, text)
+    q, k = _qk(2, 4, 2, s, 8, seed=seed)
+    kw = dict(q_clusters=7, k_clusters=11, top_p=0.7, min_kc_ratio=0.2, block_m=8, block_n=16, **extra)
+    cold = plan_semantic(q, k, layout, generator=torch.Generator().manual_seed(0), iters=4, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    q2 = q + 0.2 * torch.randn(q.shape, generator=g)
+    k2 = k + 0.2 * torch.randn(k.shape, generator=g)
+    warm = plan_semantic(q2, k2, layout, q_init=cold.info["q_centroids"], k_init=cold.info["k_centroids"],
+                         static=static, **kw)
+    return warm, layout, s, (q2, k2)
+
+
+@pytest.mark.parametrize("text_first", [None, True, False])
+def test_static_plan_is_the_same_plan(text_first):
+    """``static=True`` (block counts from the bound, lists NK long, no host sync until the end) computes the
+    plan of the default form: same permutations, centroids, cluster pairs, token mask, per-head density; only
+    the padding of its layout differs."""
+    dyn, layout, s, _ = _warm_plans(False, text_first)
+    sta, _, _, _ = _warm_plans(True, text_first)
+    for name in ("q_centroids", "k_centroids", "q_sizes", "k_sizes", "cluster_keep", "density_per_head"):
+        assert torch.equal(dyn.info[name], sta.info[name]), name
+    assert torch.equal(dyn.q_perm, sta.q_perm) and torch.equal(dyn.kv_perm, sta.kv_perm)
+    assert torch.equal(layout_token_mask(dyn.layout, s, s), layout_token_mask(sta.layout, s, s))
+    assert dyn.density == sta.density and dyn.dense_heads == sta.dense_heads
+    assert sta.layout.num_kv_blocks >= dyn.layout.num_kv_blocks and sta.layout.kv_index.shape[-1] == sta.layout.num_kv_blocks
+    assert sta.layout.kv_geometry() == (False, 16) and dyn.layout.kv_geometry()[1] <= 16
+
+
+def test_static_plan_needs_no_data_from_the_device():
+    """What makes the static form capturable in a CUDA graph: it runs on fake tensors (shapes only, no values),
+    so no step reads a value back to the host; the default form cannot (it reads block counts)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from sagevideo.sparse import semantic as S
+
+    _, layout, s, (q, k) = _warm_plans(True, True)
+    cold, _, _, _ = _warm_plans(True, True)  # centroids of the right shapes
+    vs, nv = layout.video_slice, layout.video_len
+    settings = dict(iters=2, top_p=0.7, min_count=3, scale=0.35, block_m=8, block_n=16)
+    args = (layout, 2, 4, 2, 7, 11)
+    for static in (True, False):
+        qv, kv = q[:, :, vs].reshape(8, nv, 8), k[:, :, vs].reshape(4, nv, 8)
+        qi, ki = cold.info["q_centroids"], cold.info["k_centroids"]
+        S._plan_tensors(qv, kv, *args, q_init=qi, k_init=ki, generator=None, static=static, **settings)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = [mode.from_tensor(t) for t in (qv, kv, qi, ki)]
+            run = lambda: S._plan_tensors(fake[0], fake[1], *args, q_init=fake[2], k_init=fake[3],  # noqa: E731
+                                          generator=None, static=static, **settings)
+            if static:
+                out = run()
+                assert out["layout"].kv_index.shape[-1] == out["layout"].num_kv_blocks
+            else:
+                with pytest.raises(Exception, match="DataDependent|data-dependent|_local_scalar_dense"):
+                    run()
+
+
+def test_static_plans_refuse_unaligned_key_blocks():
+    layout = P.token_layout((2, 3, 4), 24)
+    q, k = _qk(1, 2, 2, 24, 8, seed=6)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        plan_semantic(q, k, layout, q_clusters=4, k_clusters=4, block_n=24, static=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("text_first", [None, False])
+def test_graphed_plan_replays_the_eager_plan(text_first, monkeypatch):
+    """On CUDA, the warm plan replayed from a CUDA graph equals the static eager plan for each new input (the
+    graph reads its input buffers afresh), one capture serves every call of a signature, and the attention run
+    with either plan is the same."""
+    from sagevideo.sparse.api import SparseState, sparse_attention
+    from sagevideo.sparse import semantic
+    from sagevideo.sparse.semantic import PLAN_GRAPHS
+
+    monkeypatch.setattr(semantic, "DENSE_TILE_FRACTION", None)  # keep the block-sparse path at this small size
+    PLAN_GRAPHS.clear()
+    grid, n_text = (4, 16, 16), 40
+    n_video = 4 * 16 * 16
+    text = None if text_first is None else (n_video, n_text)
+    s = n_video + (0 if text is None else n_text)
+    layout = P.token_layout(grid, s, text)
+    q, k = _qk(2, 4, 2, s, 64, seed=11)
+    q, k = q.cuda().half(), k.cuda().half()
+    kw = dict(q_clusters=20, k_clusters=50, block_m=64, block_n=32)
+    cold = plan_semantic(q, k, layout, generator=torch.Generator().manual_seed(0), iters=5, **kw)
+    init = dict(q_init=cold.info["q_centroids"], k_init=cold.info["k_centroids"])
+    captures = PLAN_GRAPHS.captures
+    for step in range(3):
+        qn = q + 0.3 * torch.randn_like(q)
+        kn = k + 0.3 * torch.randn_like(k)
+        eager = plan_semantic(qn, kn, layout, static=True, **init, **kw)
+        graphed = plan_semantic(qn, kn, layout, graph=True, **init, **kw)
+        assert graphed.info["graph"] == (step > 0)  # the first call captures and returns its eager run
+        for name in ("q_centroids", "k_centroids", "cluster_keep", "density_per_head"):
+            assert torch.equal(eager.info[name], graphed.info[name]), (step, name)
+        assert torch.equal(eager.q_perm, graphed.q_perm) and torch.equal(eager.kv_perm, graphed.kv_perm)
+        for f in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
+            assert torch.equal(getattr(eager.layout, f), getattr(graphed.layout, f)), (step, f)
+        init = dict(q_init=graphed.info["q_centroids"], k_init=graphed.info["k_centroids"])
+    assert PLAN_GRAPHS.captures == captures + 1
+    # through the public op: the same output with the graph and without it
+    v = torch.randn_like(k)
+    outs = []
+    for plan_graph in (False, True):
+        st = SparseState()
+        for _ in range(2):  # cold, then warm (graphed when allowed)
+            out = sparse_attention(q, k, v, grid=grid, text=text, method="semantic", state=st, plan_graph=plan_graph,
+                                   precision="int8-fp16", q_clusters=20, k_clusters=50, block_m=64, block_n=32)
+        assert st.plan.info["graph"] == plan_graph
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_tile_fraction_counts_the_kernels_tiles():
+    """``tile_fraction_per_head``: the (query block, kept KV block) pairs the kernel walks over the tiles of
+    dense attention with the same tile shape. Ragged cluster blocks make it exceed the density."""
+    plan, layout, s, _ = _warm_plans(False, False)
+    lay = plan.layout
+    want = torch.tensor([[int(lay.kv_count[bi, h].sum()) / (math.ceil(s / 8) * math.ceil(s / 16))
+                          for h in range(lay.heads)] for bi in range(lay.batch)], dtype=torch.float64)
+    torch.testing.assert_close(plan.info["tile_fraction_per_head"], want, rtol=1e-12, atol=0)
+    assert bool((plan.info["tile_fraction_per_head"] > plan.info["density_per_head"]).all())
+    assert plan.dense_heads == ()  # on the CPU the rule does not apply
+
+
+@pytest.mark.gpu
+def test_heads_costing_more_tiles_than_dense_run_dense_on_cuda(monkeypatch):
+    """On CUDA, heads whose ragged blocks would make the kernel walk ≥ DENSE_TILE_FRACTION of the dense tiles run
+    through the dense op (here all of them: tiny clusters), and without the rule the same plan runs sparse."""
+    from sagevideo.ops import attention
+    from sagevideo.sparse import semantic
+    from sagevideo.sparse.api import SparseState, sparse_attention
+
+    q, k = _qk(1, 4, 4, 96, 32, seed=12)
+    q, k = q.cuda().half(), k.cuda().half()
+    v = torch.randn_like(k)
+    kw = dict(grid=(2, 6, 8), method="semantic", q_clusters=12, k_clusters=24, top_p=0.6, block_m=16, block_n=16,
+              precision="int8-fp16")
+    st = SparseState()
+    out = sparse_attention(q, k, v, state=st, **kw)
+    fractions = st.plan.info["tile_fraction_per_head"]
+    assert bool((fractions >= semantic.DENSE_TILE_FRACTION).all()) and st.last_density < 0.9
+    assert st.dense_calls == 1
+    torch.testing.assert_close(out, attention(q, k, v, precision="int8-fp16"), atol=0, rtol=0)
+    monkeypatch.setattr(semantic, "DENSE_TILE_FRACTION", None)
+    st = SparseState()
+    sparse = sparse_attention(q, k, v, state=st, **kw)
+    assert st.dense_calls == 0 and (sparse.float() - out.float()).abs().max() > 1e-3

@@ -150,6 +150,21 @@ class SparseState:
         return out
 
 
+#: ``plan_graph="auto"`` graphs semantic plans of at most this many video rows over (batch, head): there the plan
+#: is launch-bound (Wan2.1-1.3B 480p, 12 × 32,760 rows: 10.0 ms eager, 3.6 ms replayed), while at the 720p shapes
+#: (~3·10⁶ rows) it is bound by the GPU (14.9 against 15.5 ms at Wan2.1-14B) and a graph would only hold its
+#: input copies and memory pool (about 2 GB there). H100, 2026-11-24, benchmarks/RESULTS.md.
+GRAPH_MAX_ROWS = 1 << 21
+
+
+def _graph_plan(plan_graph, rows: int) -> bool:
+    if plan_graph == "auto":
+        return rows <= GRAPH_MAX_ROWS
+    if isinstance(plan_graph, bool):
+        return plan_graph
+    raise ValueError(f"sparse_attention: plan_graph must be True, False or 'auto', got {plan_graph!r}")
+
+
 def _due(last: int | None, now: int, every: int) -> bool:
     return last is None or every <= 1 or now - last >= every or now < last
 
@@ -193,11 +208,13 @@ def plan_sparse(
     seed: int = 0,
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int | None = None,
+    plan_graph: bool | str = "auto",
 ) -> SparsePlan:
     """The :class:`SparsePlan` (block layout and permutations) :func:`sparse_attention` would run, without
     running attention. ``v`` is needed by ``"spatiotemporal"`` when it profiles. Arguments as in
     :func:`sparse_attention`; with a ``state``, its caches are used and updated exactly as there."""
     _check_common(method, density, top_p, block_m, block_n)
+    _graph_plan(plan_graph, 0)  # validates the value
     s_axis = 2 if layout == "BHSD" else 1
     tl = token_layout(grid, q.shape[s_axis], text)
     block_n = default_block_n(method, tl.grid) if block_n is None else block_n
@@ -248,6 +265,7 @@ def plan_sparse(
         iters=kmeans_iters if warm else kmeans_init_iters, top_p=top_p, min_kc_ratio=min_kc_ratio,
         q_init=slot.q_centroids if warm else None, k_init=slot.k_centroids if warm else None,
         generator=gen, scale=scale, block_m=block_m, block_n=block_n, tensor_layout=layout,
+        graph=_graph_plan(plan_graph, b * hq * tl.video_len) and warm and block_n % 16 == 0,
     )
     p.info["warm_start"] = warm
     p.info["selection"] = selection
@@ -313,6 +331,7 @@ def sparse_attention(
     block_m: int = DEFAULT_BLOCK_M,
     block_n: int | None = None,
     check_layout: bool = False,
+    plan_graph: bool | str = "auto",
 ):
     """Sparse (and optionally quantized) joint self-attention over video tokens plus optional text tokens.
 
@@ -348,6 +367,11 @@ def sparse_attention(
             at multiples of 16 rows, so the kernel reads every KV block with aligned loads.
         check_layout: let ``block_sparse_attention`` validate the plan (one host sync; tests and debugging —
             the plans built here are valid by construction).
+        plan_graph: semantic, on CUDA — replay the warm-started plan as a CUDA graph (captured once per input
+            signature and shared by the layers that have it; :class:`sagevideo.sparse.semantic.PlanGraphs`)
+            instead of launching its few hundred small operations one by one. Same plan. ``"auto"`` (default):
+            when the video has at most :data:`GRAPH_MAX_ROWS` rows over (batch, head), where launching is what
+            the plan costs; True / False: always / never.
 
     Returns:
         The output (q's dtype and layout), or ``(out, lse)`` when ``return_lse`` (LSE fp32, ``(B, H, S)`` for
@@ -365,6 +389,7 @@ def sparse_attention(
         kmeans_init_iters=kmeans_init_iters, profile_samples=profile_samples, tolerance=tolerance,
         profile_every=profile_every, kmeans_every=kmeans_every, layout=layout, scale=scale,
         key_padding_mask=key_padding_mask, state=st, step=step, seed=seed, block_m=block_m, block_n=block_n,
+        plan_graph=plan_graph,
     )
     st.calls += 1
     st.last_density = p.density

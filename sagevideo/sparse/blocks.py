@@ -226,8 +226,22 @@ def uniform_blocks(batch: int, heads: int, seq_len: int, block: int, device=None
     return expand(start), expand(length.to(torch.int32))
 
 
+def max_cluster_blocks(seq_len: int, clusters: int, block: int, align: int = 1) -> int:
+    """An upper bound on the blocks :func:`cluster_blocks` cuts from ``clusters`` clusters of ``seq_len`` rows in
+    all, whatever their sizes: a nonempty cluster of ``n`` rows starting ``lead < align`` rows past its cut
+    origin gives ``ceil((lead + n) / block) ≤ (n + align + block − 2) / block`` blocks, at most
+    ``min(clusters, seq_len)`` clusters are nonempty, and no block is empty. (The static block count of a plan
+    built without host syncs, e.g. inside a CUDA graph.)"""
+    if min(seq_len, clusters) < 0 or block <= 0 or align <= 0:
+        raise ValueError(f"max_cluster_blocks: need seq_len, clusters >= 0 and block, align > 0, got "
+                         f"{seq_len}, {clusters}, {block}, {align}")
+    live = min(clusters, seq_len)
+    return max(1, min(seq_len, (seq_len + live * (align + block - 2)) // block))
+
+
 def cluster_blocks(sizes: torch.Tensor, block: int, align: int = 1,
-                   offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   offset: int = 0, num_blocks: int | None = None,
+                   seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cut clusters (contiguous in the permuted order) into blocks of at most ``block`` rows.
 
     Args:
@@ -243,11 +257,14 @@ def cluster_blocks(sizes: torch.Tensor, block: int, align: int = 1,
             cluster.
         offset: the row of the whole sequence where the clustered segment begins: added to every start, and
             what ``align`` refers to.
+        num_blocks, seq_len: give both to cut without a host sync (and with static shapes, e.g. under CUDA
+            graph capture): ``N = num_blocks`` (at least :func:`max_cluster_blocks`), ``S = seq_len``, and the
+            sizes are trusted (nonnegative, summing to ``seq_len`` in every (batch, head)) instead of checked.
 
     Returns:
         ``(start, len, cluster)``, each ``(B, H, N)`` (int32); blocks never straddle two clusters. ``N`` is the
-        largest block count over (batch, head); the other rows are padded with slots of length 0 (start
-        ``offset + S``, cluster −1).
+        largest block count over (batch, head) (or ``num_blocks``); the other rows are padded with slots of
+        length 0 (start ``offset + S``, cluster −1).
     """
     if not isinstance(sizes, torch.Tensor) or not _is_int(sizes) or sizes.dim() != 3:
         raise ValueError("cluster_blocks: sizes must be an integer tensor (B, H, C) of cluster sizes")
@@ -265,7 +282,14 @@ def cluster_blocks(sizes: torch.Tensor, block: int, align: int = 1,
     lead = starts % align  # rows between the cut origin (a multiple of align) and the cluster's start
     chunks = torch.where(sizes > 0, (lead + sizes + block - 1) // block, 0)  # (B, H, C)
     cum = chunks.cumsum(-1)
-    if sizes.numel():
+    if (num_blocks is None) != (seq_len is None):
+        raise ValueError("cluster_blocks: give num_blocks and seq_len together (the static, unchecked form)")
+    if num_blocks is not None:
+        if num_blocks < max_cluster_blocks(seq_len, c, block, align):
+            raise ValueError(f"cluster_blocks: num_blocks={num_blocks} is below the bound "
+                             f"{max_cluster_blocks(seq_len, c, block, align)} for {c} clusters of {seq_len} rows")
+        smallest, lo, hi, most = 0, seq_len, seq_len, num_blocks
+    elif sizes.numel():
         # the checks and the block count in one host sync (this runs in every semantic plan, on the GPU)
         smallest, lo, hi, most = torch.stack([sizes.min(), totals.min(), totals.max(), cum[..., -1].max()]).tolist()
     else:
@@ -304,6 +328,7 @@ def block_mask_to_layout(
     block_m: int,
     block_n: int,
     rows: torch.Tensor | None = None,
+    kv_geometry: tuple[bool, int] | None = None,
 ) -> BlockLayout:
     """A :class:`BlockLayout` from a block-level mask ``block_keep`` (bool ``(B, H, NQ, NK)``).
 
@@ -315,6 +340,10 @@ def block_mask_to_layout(
     is then ``(B, H, R, NK)`` and query block ``i`` keeps ``block_keep[..., rows[..., i], :]`` (semantic plans:
     every query block of one cluster keeps the same KV blocks). The lists are built once per row, so the work
     scales with ``R`` instead of ``NQ``; the layout is the one the expanded mask would give.
+
+    ``kv_geometry`` (``(kv_aligned, kv_reach)``, known to the caller from how it cut the KV blocks), when given,
+    builds the layout without a host sync and with static shapes (e.g. under CUDA graph capture): ``MAXK`` is
+    then ``NK`` and ``rows`` is trusted to index ``block_keep``'s rows.
     """
     if not isinstance(block_keep, torch.Tensor) or block_keep.dtype != torch.bool:
         raise TypeError("block_mask_to_layout: block_keep must be a bool tensor (B, H, NQ, NK), True = attend")
@@ -344,16 +373,21 @@ def block_mask_to_layout(
         bad = ((rows < 0) | (rows >= nr)).any().reshape(1).long()
         rows = rows.clamp(0, max(nr - 1, 0))
         count = torch.where(q_live, row_count.gather(2, rows), 0)
-    # one host sync: the longest list, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
-    most, aligned, reach, *bad = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
-                                            _kv_geometry(k_start.to(dev), k_len.to(dev)),
-                                            *([bad] if rows is not None else [])]).tolist()
-    if bad and bad[0]:
-        raise ValueError(f"block_mask_to_layout: rows must index the {nr} rows of block_keep")
-    maxk = max(1, most)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk]
+    if kv_geometry is not None:
+        aligned, reach = kv_geometry
+        maxk = max(1, nk)
+    else:
+        # one host sync: the longest list, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
+        most, aligned, reach, *bad = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
+                                                _kv_geometry(k_start.to(dev), k_len.to(dev)),
+                                                *([bad] if rows is not None else [])]).tolist()
+        if bad and bad[0]:
+            raise ValueError(f"block_mask_to_layout: rows must index the {nr} rows of block_keep")
+        maxk = max(1, most)
+    # int32 ids before the gather to query blocks (half the bytes of the sort's int64 indices)
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk].to(torch.int32)
     if order.shape[-1] < maxk:  # NK = 0
-        order = torch.zeros((*keep.shape[:3], maxk), dtype=torch.long, device=dev)
+        order = torch.zeros((*keep.shape[:3], maxk), dtype=torch.int32, device=dev)
     if rows is not None:
         order = order.gather(2, rows[..., None].expand(*rows.shape, maxk))
     live = torch.arange(maxk, device=dev) < count[..., None]

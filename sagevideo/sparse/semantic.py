@@ -23,7 +23,9 @@ clustering, so batch > 1 and batched CFG work. Defaults: ``top_p`` 0.9 and ``min
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 
 import torch
 
@@ -42,6 +44,8 @@ __all__ = [
     "labels_to_perm",
     "invert_perm",
     "plan_semantic",
+    "PlanGraphs",
+    "PLAN_GRAPHS",
 ]
 
 DEFAULT_Q_CLUSTERS = 300
@@ -93,21 +97,38 @@ def _bhsd(t, tensor_layout):
     return t
 
 
-def _blocks_with_text(sizes, block, layout: TokenLayout, device, align: int = 1):
+_TEXT_BLOCKS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _text_blocks(layout: TokenLayout, block: int, align: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(start, len)`` int64 ``(N,)`` on ``device``: the text segment cut as :func:`sequence_blocks` cuts it.
+    Cached per device, so a plan under CUDA graph capture copies nothing from the host."""
+    key = (layout.text_start, layout.text_len, block, align, str(device))
+    if key not in _TEXT_BLOCKS:
+        if len(_TEXT_BLOCKS) > 64:
+            _TEXT_BLOCKS.clear()
+        ts, tl, is_text = sequence_blocks(TokenLayout(text_start=layout.text_start, text_len=layout.text_len), block,
+                                          align=align if block % align == 0 else 1)
+        _TEXT_BLOCKS[key] = (ts[is_text].to(device), tl[is_text].to(device))
+    return _TEXT_BLOCKS[key]
+
+
+def _blocks_with_text(sizes, block, layout: TokenLayout, device, align: int = 1, static: bool = False):
     """Cluster blocks of the video segment (absolute starts, cut at multiples of ``align``: 16 on the KV side,
     so the kernel reads every block with aligned loads) plus uniform text blocks, in sequence order.
-    Returns ``(start, len, cluster)`` int ``(B, H, N)``; text blocks have cluster -2, padding slots -1."""
-    from sagevideo.sparse.blocks import cluster_blocks
+    Returns ``(start, len, cluster)`` int ``(B, H, N)``; text blocks have cluster -2, padding slots -1.
+    ``static``: the block count is :func:`max_cluster_blocks`' bound, with no host sync."""
+    from sagevideo.sparse.blocks import cluster_blocks, max_cluster_blocks
 
-    start, length, cluster = cluster_blocks(sizes, block, align=align, offset=layout.video_start)
+    nv, c = layout.video_len, sizes.shape[-1]
+    fixed = dict(num_blocks=max_cluster_blocks(nv, c, block, align), seq_len=nv) if static else {}
+    start, length, cluster = cluster_blocks(sizes, block, align=align, offset=layout.video_start, **fixed)
     start = start.to(device=device, dtype=torch.int64)
     length = length.to(device=device, dtype=torch.int64)
     cluster = cluster.to(device=device, dtype=torch.int64)
     if not layout.text_len:
         return start, length, cluster
-    ts, tl, is_text = sequence_blocks(TokenLayout(text_start=layout.text_start, text_len=layout.text_len), block,
-                                      align=align if block % align == 0 else 1)
-    ts, tl = ts[is_text].to(device), tl[is_text].to(device)
+    ts, tl = _text_blocks(layout, block, align, device)
     b, h, _ = start.shape
     t_start = ts.expand(b, h, -1)
     t_len = tl.expand(b, h, -1)
@@ -116,6 +137,116 @@ def _blocks_with_text(sizes, block, layout: TokenLayout, device, align: int = 1)
     if layout.text_start < layout.video_start:
         parts.reverse()
     return tuple(torch.cat([p[i] for p in parts], dim=-1).contiguous() for i in range(3))
+
+
+def _check_settings(top_p, min_kc_ratio, q_clusters, k_clusters) -> None:
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"semantic sparse attention: top_p must be in (0, 1], got {top_p}")
+    if not 0.0 <= min_kc_ratio <= 1.0:
+        raise ValueError(f"semantic sparse attention: min_kc_ratio must be in [0, 1], got {min_kc_ratio}")
+    if q_clusters < 1 or k_clusters < 1:
+        raise ValueError(f"semantic sparse attention: cluster counts must be ≥ 1, got {q_clusters}/{k_clusters}")
+
+
+def _plan_tensors(qv, kv, layout: TokenLayout, b: int, hq: int, hk: int, cq: int, ck: int, *, iters, top_p,
+                  min_count, q_init, k_init, generator, scale, block_m, block_n, static: bool) -> dict:
+    """The plan's tensors from the video rows ``qv`` ``(B·Hq, Nv, D)`` and ``kv`` ``(B·Hk, Nv, D)``: steps 1-5
+    of the module docstring. ``static``: no host sync and shapes that depend only on the arguments (block
+    counts from :func:`max_cluster_blocks`, ``MAXK = NK``), so the whole function can be captured in a CUDA
+    graph; otherwise the block counts are the data's (one sync in :func:`cluster_blocks` per side, one in
+    :func:`block_mask_to_layout`)."""
+    from sagevideo.sparse.blocks import block_mask_to_layout
+
+    s, d = layout.seq_len, qv.shape[-1]
+    device = qv.device
+    g = hq // hk
+    vs, nv = layout.video_slice, layout.video_len
+    qk = batched_kmeans(qv, cq, iters=iters, init=q_init, generator=generator)
+    kk = batched_kmeans(kv, ck, iters=iters, init=k_init, generator=generator)
+
+    # permutations of the whole sequence: video rows sorted by label, text rows in place
+    ident = torch.arange(s, device=device, dtype=torch.int64)
+    q_perm = ident.repeat(b, hq, 1)
+    q_perm[:, :, vs] = qk.order.reshape(b, hq, nv) + layout.video_start  # = labels_to_perm(qk.labels)
+    kv_perm_k = ident.repeat(b, hk, 1)
+    kv_perm_k[:, :, vs] = kk.order.reshape(b, hk, nv) + layout.video_start
+    kv_perm = kv_perm_k.repeat_interleave(g, dim=1) if g > 1 else kv_perm_k
+
+    q_sizes = qk.sizes.reshape(b, hq, cq)
+    k_sizes = kk.sizes.reshape(b, hk, ck)
+    q_start, q_len, q_cl = _blocks_with_text(q_sizes, block_m, layout, device, static=static)
+    k_start, k_len, k_cl = _blocks_with_text(k_sizes, block_n, layout, device, align=16, static=static)
+    if g > 1:
+        k_start, k_len, k_cl = (x.repeat_interleave(g, dim=1) for x in (k_start, k_len, k_cl))
+        k_sizes_q = k_sizes.repeat_interleave(g, dim=1)
+        k_cent_q = kk.centroids.reshape(b, hk, ck, d).repeat_interleave(g, dim=1)
+    else:
+        k_sizes_q = k_sizes
+        k_cent_q = kk.centroids.reshape(b, hk, ck, d)
+
+    weights = cluster_weights(qk.centroids.reshape(b, hq, cq, d), k_cent_q, k_sizes_q, scale)
+    cluster_keep = top_p_keep(weights, top_p, min_count)  # (B, Hq, Cq, Ck)
+
+    # Every query block of a cluster keeps the same KV blocks: one mask row per query cluster, plus one
+    # (row cq) for the text query blocks, which keep every block. Video key blocks follow the cluster pairs,
+    # text key blocks are kept by every row; padding slots (cluster -1, length 0) are dropped by the layout.
+    nk = k_start.shape[-1]
+    k_cl_video = k_cl.clamp_min(0)[:, :, None, :].expand(b, hq, cq, nk)
+    video_rows = cluster_keep.gather(3, k_cl_video) & (k_cl >= 0)[..., None, :] | (k_cl == -2)[..., None, :]
+    row_keep = torch.cat([video_rows, torch.ones_like(video_rows[:, :, :1])], dim=2)  # (B, Hq, Cq + 1, NK)
+    rows = torch.where(q_cl == -2, cq, q_cl.clamp_min(0))  # (B, Hq, NQ)
+
+    block_layout = block_mask_to_layout(
+        q_start.to(torch.int32), q_len.to(torch.int32), k_start.to(torch.int32), k_len.to(torch.int32),
+        row_keep, block_m, block_n, rows=rows,
+        # cluster_blocks(align=16) and the text cut keep every KV block within block_n keys of the multiple of
+        # 16 at or below its start; whether all happen to start aligned is left unknown (False)
+        kv_geometry=(False, block_n) if static else None,
+    )
+    # the kernel's work per head: one tile per (query block, kept KV block) pair, however few rows they hold
+    tiles = block_layout.kv_count.sum(-1, dtype=torch.int64).to(torch.float64)
+    return {
+        "tile_fraction_per_head": tiles / (math.ceil(s / block_m) * math.ceil(s / block_n)),
+        "layout": block_layout,
+        "q_perm": q_perm,
+        "kv_perm": kv_perm,
+        "q_centroids": qk.centroids,
+        "k_centroids": kk.centroids,
+        "q_sizes": q_sizes,
+        "k_sizes": k_sizes,
+        "cluster_keep": cluster_keep,
+        "density_per_head": block_density(row_keep, q_len, k_len, rows=rows),
+        "iters": qk.iters,
+    }
+
+
+#: On CUDA, a head whose plan makes the block-sparse kernel walk at least this fraction of the tiles of dense
+#: attention (same tile shape) runs through the dense op instead. Cluster blocks are ragged (Wan2.1-1.3B 480p:
+#: ~33 keys per key cluster in 64-key tiles), so a plan keeping most pairs costs the kernel more tiles than dense
+#: attention, and the dense op runs a tile ~1.2x faster than the block-sparse kernel (H100, benchmarks/RESULTS.md).
+#: With random weights (density 0.88) a Wan2.1-1.3B layer-call took ~37 ms sparse against ~11 ms dense. The rule
+#: is about the kernel's cost, so it applies where the kernel runs; elsewhere (CPU) such heads stay sparse, and
+#: a CPU fidelity check of a semantic schedule is a lower bound for the GPU's. None disables it.
+DENSE_TILE_FRACTION: float | None = 0.8
+
+
+def _plan_from_tensors(t: dict) -> SparsePlan:
+    """The :class:`SparsePlan` of :func:`_plan_tensors`' result (one host sync: the per-head densities and tile
+    fractions). Heads with every pair kept, or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or
+    more, are the plan's ``dense_heads``."""
+    info = {name: t[name] for name in ("q_centroids", "k_centroids", "q_sizes", "k_sizes", "cluster_keep", "iters",
+                                       "density_per_head", "tile_fraction_per_head")}
+    per_head, tiles = torch.stack([t["density_per_head"].flatten(), t["tile_fraction_per_head"].flatten()]).tolist()
+    limit = DENSE_TILE_FRACTION if t["layout"].device.type == "cuda" and DENSE_TILE_FRACTION is not None else math.inf
+    dense_heads = tuple(i for i, (x, f) in enumerate(zip(per_head, tiles)) if x >= 1.0 or f >= limit)
+    return SparsePlan(t["layout"], t["q_perm"], t["kv_perm"], sum(per_head) / max(1, len(per_head)), info,
+                      dense_heads)
+
+
+def _static_ok(layout: TokenLayout, block_n: int) -> bool:
+    """Whether a plan can be built with static shapes: the KV blocks' reach is then stated, not measured, and
+    the statement holds when ``block_n`` is a multiple of 16 (``cluster_blocks(align=16)``)."""
+    return block_n % 16 == 0
 
 
 def plan_semantic(
@@ -135,6 +266,8 @@ def plan_semantic(
     block_m: int = 128,
     block_n: int = 64,
     tensor_layout: str = "BHSD",
+    static: bool = False,
+    graph: bool = False,
 ) -> SparsePlan:
     """Block layout and permutations from k-means on Q and K (Sparse VideoGen2, arXiv 2505.18875).
 
@@ -150,81 +283,139 @@ def plan_semantic(
             ``plan.info["q_centroids"]``); drawn from ``generator`` when None.
         scale: softmax scale of the cluster scores (``1/sqrt(D)`` when None).
         block_m, block_n: query / key block sizes (clusters are cut into chunks of at most these).
+        static: build the layout with shapes fixed by the arguments and no host sync until the end: block counts
+            from :func:`sagevideo.sparse.blocks.max_cluster_blocks` (padding slots of length 0 for the rest) and
+            block lists ``NK`` long. The same blocks, permutations and attention as the default form (tested);
+            more padding to carry. Needs ``block_n`` a multiple of 16.
+        graph: on CUDA, with warm-start centroids, replay a CUDA graph of the static plan (captured on the first
+            call of each signature, :class:`PlanGraphs`): one launch instead of several hundred small ones, for
+            shapes where launching dominates (Wan2.1-1.3B 480p: ~10 ms of host time against a few ms of GPU
+            work). Where a graph cannot be used (CPU, cold start, under another capture) the plan is built
+            eagerly, in the form ``static`` says.
 
     Returns:
         :class:`SparsePlan` with ``q_perm``/``kv_perm`` ``(B, Hq, S)``; ``info`` holds ``q_centroids``,
-        ``k_centroids``, ``q_sizes``, ``k_sizes``, ``cluster_keep`` (``(B, Hq, Cq, Ck)``), ``iters``.
+        ``k_centroids``, ``q_sizes``, ``k_sizes``, ``cluster_keep`` (``(B, Hq, Cq, Ck)``), ``iters``,
+        ``density_per_head``, ``tile_fraction_per_head`` (the kernel's tiles over dense attention's, which
+        decides ``dense_heads`` with the density: :data:`DENSE_TILE_FRACTION`) and ``graph`` (whether a CUDA
+        graph was replayed).
     """
-    from sagevideo.sparse.blocks import block_mask_to_layout
-
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"semantic sparse attention: top_p must be in (0, 1], got {top_p}")
-    if not 0.0 <= min_kc_ratio <= 1.0:
-        raise ValueError(f"semantic sparse attention: min_kc_ratio must be in [0, 1], got {min_kc_ratio}")
-    if q_clusters < 1 or k_clusters < 1:
-        raise ValueError(f"semantic sparse attention: cluster counts must be ≥ 1, got {q_clusters}/{k_clusters}")
+    _check_settings(top_p, min_kc_ratio, q_clusters, k_clusters)
     qb, kb = _bhsd(q, tensor_layout), _bhsd(k, tensor_layout)
     b, hq, s, d = qb.shape
     hk = kb.shape[1]
-    g = hq // hk
     scale = default_scale(d) if scale is None else scale
-    device = q.device
     vs = layout.video_slice
     nv = layout.video_len
     cq, ck = min(int(q_clusters), nv), min(int(k_clusters), nv)
     if q_init is not None and q_init.shape[1] != cq or k_init is not None and k_init.shape[1] != ck:
         raise ValueError("semantic sparse attention: warm-start centroids have another cluster count")
-
-    qk = batched_kmeans(qb[:, :, vs].reshape(b * hq, nv, d), cq, iters=iters, init=q_init, generator=generator)
-    kk = batched_kmeans(kb[:, :, vs].reshape(b * hk, nv, d), ck, iters=iters, init=k_init, generator=generator)
-
-    # permutations of the whole sequence: video rows sorted by label, text rows in place
-    ident = torch.arange(s, device=device, dtype=torch.int64)
-    q_perm = ident.repeat(b, hq, 1)
-    q_perm[:, :, vs] = qk.order.reshape(b, hq, nv) + layout.video_start  # = labels_to_perm(qk.labels)
-    kv_perm_k = ident.repeat(b, hk, 1)
-    kv_perm_k[:, :, vs] = kk.order.reshape(b, hk, nv) + layout.video_start
-    kv_perm = kv_perm_k.repeat_interleave(g, dim=1) if g > 1 else kv_perm_k
-
-    q_sizes = qk.sizes.reshape(b, hq, cq)
-    k_sizes = kk.sizes.reshape(b, hk, ck)
-    q_start, q_len, q_cl = _blocks_with_text(q_sizes, block_m, layout, device)
-    k_start, k_len, k_cl = _blocks_with_text(k_sizes, block_n, layout, device, align=16)
-    if g > 1:
-        k_start, k_len, k_cl = (x.repeat_interleave(g, dim=1) for x in (k_start, k_len, k_cl))
-        k_sizes_q = k_sizes.repeat_interleave(g, dim=1)
-        k_cent_q = kk.centroids.reshape(b, hk, ck, d).repeat_interleave(g, dim=1)
-    else:
-        k_sizes_q = k_sizes
-        k_cent_q = kk.centroids.reshape(b, hk, ck, d)
-
-    weights = cluster_weights(qk.centroids.reshape(b, hq, cq, d), k_cent_q, k_sizes_q, scale)
-    min_count = max(1, math.ceil(min_kc_ratio * ck - 1e-9))
-    cluster_keep = top_p_keep(weights, top_p, min_count)  # (B, Hq, Cq, Ck)
-
-    # Every query block of a cluster keeps the same KV blocks: one mask row per query cluster, plus one
-    # (row cq) for the text query blocks, which keep every block. Video key blocks follow the cluster pairs,
-    # text key blocks are kept by every row; padding slots (cluster -1, length 0) are dropped by the layout.
-    nk = k_start.shape[-1]
-    k_cl_video = k_cl.clamp_min(0)[:, :, None, :].expand(b, hq, cq, nk)
-    video_rows = cluster_keep.gather(3, k_cl_video) & (k_cl >= 0)[..., None, :] | (k_cl == -2)[..., None, :]
-    row_keep = torch.cat([video_rows, torch.ones_like(video_rows[:, :, :1])], dim=2)  # (B, Hq, Cq + 1, NK)
-    rows = torch.where(q_cl == -2, cq, q_cl.clamp_min(0))  # (B, Hq, NQ)
-
-    block_layout = block_mask_to_layout(
-        q_start.to(torch.int32), q_len.to(torch.int32), k_start.to(torch.int32), k_len.to(torch.int32),
-        row_keep, block_m, block_n, rows=rows,
+    if (static or graph) and not _static_ok(layout, block_n):
+        raise ValueError(f"semantic sparse attention: static/graphed plans need block_n a multiple of 16, got {block_n}")
+    settings = dict(iters=int(iters), top_p=float(top_p), min_count=max(1, math.ceil(min_kc_ratio * ck - 1e-9)),
+                    scale=float(scale), block_m=int(block_m), block_n=int(block_n))
+    if graph and q.is_cuda and q_init is not None and k_init is not None \
+            and not torch.cuda.is_current_stream_capturing():
+        plan = PLAN_GRAPHS.run(qb[:, :, vs], kb[:, :, vs], q_init, k_init, layout, cq, ck, settings)
+        if plan is not None:
+            return plan
+    t = _plan_tensors(
+        qb[:, :, vs].reshape(b * hq, nv, d), kb[:, :, vs].reshape(b * hk, nv, d), layout, b, hq, hk, cq, ck,
+        q_init=q_init, k_init=k_init, generator=generator, static=static, **settings,
     )
-    density_bh = block_density(row_keep, q_len, k_len, rows=rows)
-    info = {
-        "q_centroids": qk.centroids,
-        "k_centroids": kk.centroids,
-        "q_sizes": q_sizes,
-        "k_sizes": k_sizes,
-        "cluster_keep": cluster_keep,
-        "iters": qk.iters,
-        "density_per_head": density_bh,
-    }
-    per_head = density_bh.flatten().tolist()
-    dense_heads = tuple(i for i, x in enumerate(per_head) if x >= 1.0)
-    return SparsePlan(block_layout, q_perm, kv_perm, sum(per_head) / max(1, len(per_head)), info, dense_heads)
+    plan = _plan_from_tensors(t)
+    plan.info["graph"] = False
+    return plan
+
+
+class PlanGraphs:
+    """CUDA graphs of the warm-started static semantic plan, one per signature (shapes, dtype, device, token
+    layout, settings), shared by every layer that has that signature; the ``max_graphs`` most recently used are
+    kept.
+
+    A call copies the video rows of Q and K and the warm-start centroids into the graph's input buffers,
+    replays it, and clones the outputs (the next layer's replay overwrites them; a plan may be reused for
+    several steps). The first call of a signature runs the static plan eagerly, on a side stream (which also
+    makes the Triton kernels choose their launch settings outside the capture), then captures it; its result
+    is the eager one. Graph and eager plans are the same computation on the same buffers (tested on CUDA).
+    """
+
+    def __init__(self, max_graphs: int = 4):
+        self.max_graphs = int(max_graphs)
+        self._graphs: dict[tuple, dict] = {}
+        self.captures = 0
+        self.replays = 0
+
+    def clear(self) -> None:
+        """Free every graph (and its memory pool)."""
+        self._graphs.clear()
+
+    def run(self, q_video, k_video, q_init, k_init, layout: TokenLayout, cq: int, ck: int, settings: dict):
+        """The plan of ``q_video`` ``(B, Hq, Nv, D)`` / ``k_video`` (views into Q and K) with the warm start
+        ``q_init``/``k_init``; None when no graph can be used (then the caller plans eagerly)."""
+        b, hq, nv, d = q_video.shape
+        hk = k_video.shape[1]
+        key = (tuple(q_video.shape), hk, q_video.dtype, str(q_video.device), layout, cq, ck,
+               tuple(sorted(settings.items())))
+        entry = self._graphs.pop(key, None)
+        if entry is None:
+            entry = self._capture(q_video, k_video, q_init, k_init, layout, cq, ck, settings)
+            self._graphs[key] = entry
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.pop(next(iter(self._graphs)))
+            return entry.pop("first")
+        self._graphs[key] = entry
+        if entry["graph"] is None:  # the capture failed for this signature: plan eagerly
+            return None
+        ins = entry["inputs"]
+        ins["q"].view(b, hq, nv, d).copy_(q_video)
+        ins["k"].view(b, hk, nv, d).copy_(k_video)
+        ins["q_init"].copy_(q_init)
+        ins["k_init"].copy_(k_init)
+        entry["graph"].replay()
+        self.replays += 1
+        return self._plan(entry["outputs"])
+
+    @staticmethod
+    def _plan(out: dict) -> SparsePlan:
+        t = {name: (val.clone() if isinstance(val, torch.Tensor) else val) for name, val in out.items()
+             if name != "layout"}
+        lay = out["layout"]
+        t["layout"] = dataclasses.replace(lay, **{f: getattr(lay, f).clone() for f in _LAYOUT_TENSORS})
+        plan = _plan_from_tensors(t)
+        plan.info["graph"] = True
+        return plan
+
+    def _capture(self, q_video, k_video, q_init, k_init, layout, cq, ck, settings):
+        b, hq, nv, d = q_video.shape
+        hk = k_video.shape[1]
+        ins = {
+            "q": q_video.reshape(b * hq, nv, d).clone(memory_format=torch.contiguous_format),
+            "k": k_video.reshape(b * hk, nv, d).clone(memory_format=torch.contiguous_format),
+            "q_init": q_init.to(torch.float32).clone(),
+            "k_init": k_init.to(torch.float32).clone(),
+        }
+
+        def body():
+            return _plan_tensors(ins["q"], ins["k"], layout, b, hq, hk, cq, ck, q_init=ins["q_init"],
+                                 k_init=ins["k_init"], generator=None, static=True, **settings)
+
+        # the eager run: this call's result, and the warm-up (Triton launch choices, cuBLAS and sort workspaces,
+        # the text blocks' device copies) that must not happen during the capture
+        first_plan = _plan_from_tensors(body())
+        first_plan.info["graph"] = False
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = body()
+        except Exception as exc:  # something in the plan cannot be captured here: plan eagerly from now on
+            warnings.warn(f"semantic sparse attention: the plan could not be captured in a CUDA graph ({exc}); "
+                          "planning eagerly for this shape", RuntimeWarning, stacklevel=4)
+            return {"graph": None, "first": first_plan}
+        self.captures += 1
+        return {"graph": graph, "inputs": ins, "outputs": outputs, "first": first_plan}
+
+
+_LAYOUT_TENSORS = ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count")
+#: The process's plan graphs (:class:`PlanGraphs`); ``PLAN_GRAPHS.clear()`` frees them.
+PLAN_GRAPHS = PlanGraphs()
