@@ -233,13 +233,16 @@ DENSE_TILE_FRACTION: float | None = 0.8
 def _plan_from_tensors(t: dict) -> SparsePlan:
     """The :class:`SparsePlan` of :func:`_plan_tensors`' result (one host sync: the per-head densities and tile
     fractions). Heads with every pair kept, or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or
-    more, are the plan's ``dense_heads``."""
+    more, are the plan's ``dense_heads``; the plan's ``density`` counts the latter as 1 (all their pairs are
+    computed), while ``info["density_per_head"]`` keeps the selection's."""
     info = {name: t[name] for name in ("q_centroids", "k_centroids", "q_sizes", "k_sizes", "cluster_keep", "iters",
                                        "density_per_head", "tile_fraction_per_head")}
     per_head, tiles = torch.stack([t["density_per_head"].flatten(), t["tile_fraction_per_head"].flatten()]).tolist()
     limit = DENSE_TILE_FRACTION if t["layout"].device.type == "cuda" and DENSE_TILE_FRACTION is not None else math.inf
     dense_heads = tuple(i for i, (x, f) in enumerate(zip(per_head, tiles)) if x >= 1.0 or f >= limit)
-    return SparsePlan(t["layout"], t["q_perm"], t["kv_perm"], sum(per_head) / max(1, len(per_head)), info,
+    # the plan's density is the share of pairs computed: a head sent to the dense op computes all of its pairs
+    computed = [1.0 if f >= limit else x for x, f in zip(per_head, tiles)]
+    return SparsePlan(t["layout"], t["q_perm"], t["kv_perm"], sum(computed) / max(1, len(computed)), info,
                       dense_heads)
 
 
