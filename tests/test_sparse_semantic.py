@@ -276,7 +276,7 @@ def test_tile_fraction_counts_the_kernels_tiles():
 
 
 @pytest.mark.gpu
-def test_heads_costing_more_tiles_than_dense_run_dense_on_cuda(monkeypatch):
+def test_heads_costing_more_tiles_than_dense_run_dense_on_cuda(monkeypatch, caplog):
     """On CUDA, heads whose ragged blocks would make the kernel walk ≥ DENSE_TILE_FRACTION of the dense tiles run
     through the dense op (here all of them: tiny clusters), and without the rule the same plan runs sparse."""
     from sagevideo.ops import attention
@@ -289,7 +289,9 @@ def test_heads_costing_more_tiles_than_dense_run_dense_on_cuda(monkeypatch):
     kw = dict(grid=(2, 6, 8), method="semantic", q_clusters=12, k_clusters=24, top_p=0.6, block_m=16, block_n=16,
               precision="int8-fp16")
     st = SparseState()
-    out = sparse_attention(q, k, v, state=st, **kw)
+    with caplog.at_level("WARNING", logger="sagevideo"):
+        out = sparse_attention(q, k, v, state=st, **kw)
+    assert "would make the kernel walk" in caplog.text  # said, not silent
     fractions = st.plan.info["tile_fraction_per_head"]
     assert bool((fractions >= semantic.DENSE_TILE_FRACTION).all())
     assert float(st.plan.info["density_per_head"].mean()) < 0.9  # the selection is sparse ...

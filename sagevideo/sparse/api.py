@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -163,6 +164,27 @@ def _graph_plan(plan_graph, rows: int) -> bool:
     if isinstance(plan_graph, bool):
         return plan_graph
     raise ValueError(f"sparse_attention: plan_graph must be True, False or 'auto', got {plan_graph!r}")
+
+
+_logger = logging.getLogger("sagevideo")
+_warned: set[tuple] = set()
+
+
+def _warn_all_dense_by_tiles(p: SparsePlan, q: torch.Tensor, grid, block_n) -> None:
+    """Say once per shape that a semantic plan sent every head to the dense op for its tile cost (the call then
+    costs the plan on top of dense attention)."""
+    sel = p.info.get("density_per_head")
+    key = ("tiles", tuple(q.shape), tuple(grid))
+    if sel is None or key in _warned or float(sel.max()) >= 1.0:
+        return
+    _warned.add(key)
+    tiles = float(p.info["tile_fraction_per_head"].min())
+    _logger.warning(
+        "sagevideo: sparse-semantic keeps %.0f%% of the pairs here, but its cluster blocks would make the kernel "
+        "walk at least %.0f%% of the dense tiles in every head (key clusters of about %.0f tokens in %d-key "
+        "blocks), so it runs dense attention plus the plan, slower than the dense method; fewer k_clusters or "
+        "another method suit this shape", 100 * float(sel.mean()), 100 * tiles,
+        int(grid[0]) * int(grid[1]) * int(grid[2]) / p.info["k_sizes"].shape[-1], block_n)
 
 
 def _due(last: int | None, now: int, every: int) -> bool:
@@ -404,6 +426,8 @@ def sparse_attention(
         from sagevideo.ops import attention
 
         st.dense_calls += 1
+        if method == "semantic" and "tile_fraction_per_head" in p.info:
+            _warn_all_dense_by_tiles(p, q, grid, p.layout.block_n)
         return attention(q, k, v, layout=layout, **dense_kw)
     if k.shape[3 - s_axis] != hq:  # the block-sparse kernel is multi-head only
         group = hq // k.shape[3 - s_axis]
