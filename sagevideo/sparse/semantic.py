@@ -246,12 +246,6 @@ def _plan_from_tensors(t: dict) -> SparsePlan:
                       dense_heads)
 
 
-def _static_ok(layout: TokenLayout, block_n: int) -> bool:
-    """Whether a plan can be built with static shapes: the KV blocks' reach is then stated, not measured, and
-    the statement holds when ``block_n`` is a multiple of 16 (``cluster_blocks(align=16)``)."""
-    return block_n % 16 == 0
-
-
 def plan_semantic(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -313,7 +307,9 @@ def plan_semantic(
     cq, ck = min(int(q_clusters), nv), min(int(k_clusters), nv)
     if q_init is not None and q_init.shape[1] != cq or k_init is not None and k_init.shape[1] != ck:
         raise ValueError("semantic sparse attention: warm-start centroids have another cluster count")
-    if (static or graph) and not _static_ok(layout, block_n):
+    # a static plan states the KV blocks' reach instead of measuring it: true for cluster_blocks(align=16) cuts,
+    # which need block_n a multiple of 16
+    if (static or graph) and block_n % 16:
         raise ValueError(f"semantic sparse attention: static/graphed plans need block_n a multiple of 16, got {block_n}")
     settings = dict(iters=int(iters), top_p=float(top_p), min_count=max(1, math.ceil(min_kc_ratio * ck - 1e-9)),
                     scale=float(scale), block_m=int(block_m), block_n=int(block_n))
@@ -338,9 +334,9 @@ class PlanGraphs:
 
     A call copies the video rows of Q and K and the warm-start centroids into the graph's input buffers,
     replays it, and clones the outputs (the next layer's replay overwrites them; a plan may be reused for
-    several steps). The first call of a signature runs the static plan eagerly, on a side stream (which also
-    makes the Triton kernels choose their launch settings outside the capture), then captures it; its result
-    is the eager one. Graph and eager plans are the same computation on the same buffers (tested on CUDA).
+    several steps). The first call of a signature runs the static plan eagerly (which also makes the Triton
+    kernels choose their launch settings, and fills the device caches, outside the capture), then captures it;
+    its result is the eager one. Graph and eager plans are the same computation on the same buffers (tested on CUDA).
     """
 
     def __init__(self, max_graphs: int = 4):
