@@ -46,6 +46,7 @@ import functools
 import importlib
 import itertools
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -638,6 +639,10 @@ class PatchHandle:
         for st in self._states:
             _STATES.pop(st.id, None)
         self._active = False
+        if not _STATES:  # no patch left: free the semantic plan graphs (input copies and memory pools)
+            semantic = sys.modules.get("sagevideo.sparse.semantic")
+            if semantic is not None:
+                semantic.PLAN_GRAPHS.clear()
         if errors:
             raise RuntimeError("sagevideo: unpatch could not restore everything:\n  " + "\n  ".join(errors))
 

@@ -71,6 +71,21 @@ def test_unpatch_restores_bit_identical_dense(wan, dense_out):
     handle.unpatch()  # a second unpatch does nothing
 
 
+def test_last_unpatch_frees_the_semantic_plan_graphs(wan):
+    """The process's CUDA graphs of semantic plans (buffers and memory pools) go with the last active patch,
+    not with an earlier one."""
+    from sagevideo.sparse.semantic import PLAN_GRAPHS
+
+    other = tp.wan_pipeline()
+    first = patch_pipeline(wan, AttentionConfig.uniform("int8-fp8"))
+    second = patch_pipeline(other, AttentionConfig.uniform("int8-fp8"))
+    PLAN_GRAPHS._graphs["a signature"] = {"graph": None}  # stands for a captured graph (CUDA only)
+    first.unpatch()
+    assert "a signature" in PLAN_GRAPHS._graphs  # the other patch may still replay it
+    second.unpatch()
+    assert PLAN_GRAPHS._graphs == {}
+
+
 def test_dense_schedule_equals_unpatched(wan, dense_out):
     with patch_pipeline(wan, AttentionConfig.uniform("dense")):
         assert torch.equal(tp.run(wan), dense_out)
