@@ -377,10 +377,12 @@ class PlanGraphs:
 
     @staticmethod
     def _plan(out: dict) -> SparsePlan:
+        from sagevideo.sparse.blocks import _LAYOUT_FIELDS
+
         t = {name: (val.clone() if isinstance(val, torch.Tensor) else val) for name, val in out.items()
              if name != "layout"}
         lay = out["layout"]
-        t["layout"] = dataclasses.replace(lay, **{f: getattr(lay, f).clone() for f in _LAYOUT_TENSORS})
+        t["layout"] = dataclasses.replace(lay, **{f: getattr(lay, f).clone() for f in _LAYOUT_FIELDS})
         plan = _plan_from_tensors(t)
         plan.info["graph"] = True
         return plan
@@ -415,6 +417,5 @@ class PlanGraphs:
         return {"graph": graph, "inputs": ins, "outputs": outputs, "first": first_plan}
 
 
-_LAYOUT_TENSORS = ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count")
 #: The process's plan graphs (:class:`PlanGraphs`); ``PLAN_GRAPHS.clear()`` frees them.
 PLAN_GRAPHS = PlanGraphs()
