@@ -389,6 +389,10 @@ def test_gpu_memory_and_accuracy_of_a_patched_block():
 
     Whole-model peaks (where the feed-forward layers dominate) are measured by benchmarks/pipeline.py.
     """
+    from sagevideo.sparse.semantic import PLAN_GRAPHS
+
+    # plan graphs left by earlier tests would be freed by the first unpatch() below, inside the measurement
+    PLAN_GRAPHS.clear()
     model, inputs = _gpu_wan()
     _peak(model, inputs)  # warm-up (SDPA backend selection)
     dense_peak, dense = _peak(model, inputs)

@@ -270,7 +270,7 @@ def test_int8_fp16_semantic_with_text_through_kernel_path():
 
 def test_state_warm_start_and_cfg_batch_switch():
     grid = (2, 3, 4)
-    kw = dict(grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense", **SMALL)
+    kw = dict(grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense", kmeans_every=1, **SMALL)
     st = SparseState()
     q2, k2, v2 = _rand(2, 2, 24, seed=4)
     sparse_attention(q2, k2, v2, state=st, **kw)
@@ -288,6 +288,40 @@ def test_state_warm_start_and_cfg_batch_switch():
     assert c2.shape == st.q_centroids.shape
     rep = st.report()
     assert rep["calls"] == 4 and rep["clusterings"] == 4 and 0 < rep["last_density"] <= 1
+
+
+def test_default_cluster_counts_follow_the_video_length():
+    from sagevideo.sparse.semantic import MIN_K_CLUSTERS, MIN_Q_CLUSTERS, default_clusters
+
+    # SVG2's 300 / 1000 where clusters are at least a tile (Wan 720p), one cluster a tile below that, a floor
+    assert default_clusters(21 * 45 * 80, 128, 64) == (300, 1000)
+    assert default_clusters(21 * 30 * 52, 128, 64) == (256, 512)  # Wan2.1-1.3B 480p
+    assert default_clusters(13 * 30 * 45, 128, 64) == (138, 275)  # CogVideoX-5B: ceil(17,550 / 128), / 64
+    assert default_clusters(9 * 16 * 16, 128, 64) == (MIN_Q_CLUSTERS, MIN_K_CLUSTERS)  # the bundled model
+    for n in (1, 100, 5000, 40000, 10**6):
+        q, k = default_clusters(n, 128, 64)
+        assert MIN_Q_CLUSTERS <= q <= 300 and MIN_K_CLUSTERS <= k <= 1000
+        assert q == 300 or q == MIN_Q_CLUSTERS or n / q <= 128 < n / (q - 1)
+    # None in sparse_attention means those counts (clamped to the video tokens: 256 of them here)
+    q, k, v = _rand(1, 2, 4 * 8 * 8, seed=3)
+    st = SparseState()
+    sparse_attention(q, k, v, grid=(4, 8, 8), method="semantic", precision="dense", state=st, block_m=16, block_n=16)
+    want_q, want_k = default_clusters(256, 16, 16)
+    assert st.q_centroids.shape[1] == want_q and st.k_centroids.shape[1] == min(want_k, 256)
+
+
+def test_default_kmeans_every_reuses_plans_on_small_videos_only():
+    from sagevideo.sparse.api import GRAPH_MAX_ROWS, SMALL_KMEANS_EVERY, default_kmeans_every
+
+    assert SMALL_KMEANS_EVERY > 1
+    assert default_kmeans_every(GRAPH_MAX_ROWS) == SMALL_KMEANS_EVERY and default_kmeans_every(GRAPH_MAX_ROWS + 1) == 1
+    grid = (2, 3, 4)
+    q, k, v = _rand(1, 2, 24, seed=6)
+    st = SparseState()
+    for step in range(7):
+        sparse_attention(q, k, v, grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense",
+                         state=st, step=step, **SMALL)
+    assert st.calls == 7 and st.clusterings == -(-7 // SMALL_KMEANS_EVERY)
 
 
 def test_profile_every_reuses_head_classes():
@@ -401,6 +435,11 @@ def test_batch_entries_get_different_plans():
         (dict(grid=(2, 3, 4), block_n="64"), "block_n must be an int"),
         (dict(grid=(2, 3, 4), block_m=8), "block_m must be an int ≥ 16"),
         (dict(grid=(2, 3, 4), plan_graph="yes"), "plan_graph must be True, False or 'auto'"),
+        (dict(grid=(2, 3, 4), method="semantic", q_clusters=0), "q_clusters must be an int ≥ 1, or None"),
+        (dict(grid=(2, 3, 4), method="semantic", k_clusters="many"), "k_clusters must be an int ≥ 1, or None"),
+        (dict(grid=(2, 3, 4), method="semantic", kmeans_every=0), r"kmeans_every must be an int ≥ 1 \(or None"),
+        (dict(grid=(2, 3, 4), method="semantic", kmeans_every=1.5), "kmeans_every must be an int ≥ 1"),
+        (dict(grid=(2, 3, 4), profile_every=None), "profile_every must be an int ≥ 1, got None"),
     ],
 )
 def test_bad_input_errors(kwargs, match):

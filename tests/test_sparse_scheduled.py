@@ -118,7 +118,8 @@ def test_wan_pipeline_full_density_equals_dense_and_keeps_state_per_layer():
 
 def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
     pipe = tp.wan_pipeline()
-    params = {"precision": "dense", "top_p": 0.5, "q_clusters": 4, "k_clusters": 6, "block_m": 16, "block_n": 16}
+    params = {"precision": "dense", "top_p": 0.5, "q_clusters": 4, "k_clusters": 6, "block_m": 16, "block_n": 16,
+              "kmeans_every": 1}
     cfg = AttentionConfig(default="sparse-semantic", default_params=params,
                           rules=(Rule("dense", steps=(0.0, 0.5)), Rule("dense", layers=(0,))))
     with patch_pipeline(pipe, cfg) as handle:
@@ -140,6 +141,26 @@ def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
     want = sum(s.report()["mean_density"] * s.calls for s in states.values()) / rep["calls"]
     assert abs(rep["mean_density"] - want) < 1e-12 and 0.0 < rep["mean_density"] < 1.0
     assert sorted(rep["layers"]) == sorted(f"sparse-semantic/{k[1]}/{k[2]}" for k in states)
+
+
+def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
+    """``kmeans_every`` None: a video this small re-clusters every 3 steps (cond and uncond of a step share the
+    plan), and the plans stay in the states between calls, since the next calls reuse them."""
+    from sagevideo.sparse.api import SMALL_KMEANS_EVERY
+
+    assert methods.get("sparse-semantic").params["kmeans_every"] is None
+    pipe = tp.wan_pipeline()
+    params = {"precision": "dense", "top_p": 0.5, "q_clusters": 4, "k_clusters": 6, "block_m": 16, "block_n": 16}
+    cfg = AttentionConfig(default="sparse-semantic", default_params=params, rules=(Rule("dense", steps=(0.0, 0.5)),))
+    with patch_pipeline(pipe, cfg) as handle:
+        tp.run(pipe)
+        states = dict(handle._states[0].store)
+    sparse_steps = tp.NUM_STEPS - tp.NUM_STEPS // 2
+    assert sparse_steps > 1 and len(states) == tp.LAYERS
+    for state in states.values():
+        assert state.calls == 2 * sparse_steps
+        assert state.clusterings == -(-sparse_steps // SMALL_KMEANS_EVERY)
+        assert state.plan is not None  # held for the calls that reuse it
 
 
 def test_ring_and_unknown_grid_fall_back_to_the_dense_op(caplog):

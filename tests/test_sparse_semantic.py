@@ -257,7 +257,8 @@ def test_graphed_plan_replays_the_eager_plan(text_first, monkeypatch):
         st = SparseState()
         for _ in range(2):  # cold, then warm (graphed when allowed)
             out = sparse_attention(q, k, v, grid=grid, text=text, method="semantic", state=st, plan_graph=plan_graph,
-                                   precision="int8-fp16", q_clusters=20, k_clusters=50, block_m=64, block_n=32)
+                                   precision="int8-fp16", q_clusters=20, k_clusters=50, block_m=64, block_n=32,
+                                   kmeans_every=1)
         assert st.plan.info["graph"] == plan_graph
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
