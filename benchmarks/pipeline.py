@@ -21,8 +21,8 @@ length, a mid-trajectory timestep). For every mode, in the same process:
 Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward
 with every block list cut to its first block (each attention call site runs at its real shape, so SDPA backend
 selection and Triton autotuning happen there, at a fraction of a full forward's cost); then the median of up to
-``--reps`` forwards (sparse modes: the mean of a multiple of 3, since a semantic plan is rebuilt every third
-call on videos of at most 2²¹ rows over (batch, head); the patched model sees no scheduler, so its calls are
+``--reps`` forwards (sparse modes: the mean of a multiple of 3, since a plan is rebuilt every third call on
+videos of at most 2²¹ rows over (batch, head); the patched model sees no scheduler, so its calls are
 counted as steps), fewer when a forward is slow (``--budget-s`` caps the whole run; models that no longer fit
 in it are skipped and say so). Peak memory
 is ``torch.cuda.max_memory_allocated`` over the timed forwards (weights included) and the same minus what was
@@ -256,8 +256,8 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
                 method, params = MODE_METHODS.get(mode, ("dense" if mode == "patched-dense" else mode, {}))
                 handle = patch_transformer(model, AttentionConfig.uniform(method, **params))
             try:
-                # sparse: the mean of whole re-planning cycles (a semantic plan is rebuilt every 3rd call on
-                # videos of at most 2^21 rows, sagevideo.sparse.api.default_kmeans_every); median otherwise
+                # sparse: the mean of whole re-planning cycles (a plan is rebuilt every 3rd call on videos of at
+                # most 2^21 rows, sagevideo.sparse.api.default_replan_every); median otherwise
                 times, peak, act, out = _time_forward(model, inputs, reps, per_mode,
                                                       full_warmup=mode.startswith("sparse"),
                                                       cycle=REPLAN_CYCLE if mode.startswith("sparse") else 1)

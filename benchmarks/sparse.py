@@ -12,9 +12,9 @@ For each shape, in one process and on the same inputs:
   (warm state, as in every step after the first; its share of one SDPA-cuDNN call is the overhead figure), and
   the whole ``sagevideo.sparse_attention`` call in ``int8-fp8`` with the method's default parameters, on
   inputs standing for consecutive denoising steps (:func:`denoising_steps`: the first set plus small noise).
-  The plan rows re-plan at every call; the whole-call rows use the default interval (semantic plans rebuilt
-  every 3 calls on videos of at most 2²¹ rows over (batch, head), ``sparse.api.default_kmeans_every``) and
-  report the mean over whole cycles, i.e. the plan's cost amortised over the calls that reuse it;
+  The plan rows re-plan at every call; the whole-call rows use the default interval (plans rebuilt every 3
+  calls on videos of at most 2²¹ rows over (batch, head), ``sparse.api.default_replan_every``) and report the
+  mean over whole cycles, i.e. the plan's cost amortised over the calls that reuse it;
 * ``sparse <precision> d=<density>``: ``sagevideo.sparse.blocks.block_sparse_attention`` at densities 1.0, 0.5,
   0.3, 0.15, 0.10, 0.05, INCLUDING the quantization pass, which reads the tokens through a permutation
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
@@ -288,7 +288,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
         plan0 = plan_sparse(*steps[0], state=state, step=0, **kw)  # cold: 50 k-means rounds / first profile
 
         def plan(x, kw=kw):  # the cost of one planning: re-planned at every call here
-            return plan_sparse(*x, state=state, step=next(step), kmeans_every=1, **kw)
+            return plan_sparse(*x, state=state, step=next(step), kmeans_every=1, profile_every=1, **kw)
 
         plan_ms = measure(plan, steps, warmup=warmup, reps=reps, cuda=cuda)
         if profile_plan:
@@ -300,7 +300,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
         add(f"plan {method}{tag}", density, plan_ms, note="pattern search + permutation only (warm state)")
         # the mean over whole re-planning cycles: the plan's cost amortised over the calls that reuse it
-        cycle = 6  # a multiple of every default interval (kmeans_every 1 or 3, profile_every 1)
+        cycle = 6  # a multiple of every default interval (1 or 3)
         add(f"sparse_attention {method}{tag}", density,
             measure(full, steps, warmup=warmup, reps=-(-reps // cycle) * cycle, cuda=cuda, stat=statistics.mean),
             full(steps[0]), note="int8-fp8, planning included (default re-planning interval, mean of calls)")

@@ -310,18 +310,22 @@ def test_default_cluster_counts_follow_the_video_length():
     assert st.q_centroids.shape[1] == want_q and st.k_centroids.shape[1] == min(want_k, 256)
 
 
-def test_default_kmeans_every_reuses_plans_on_small_videos_only():
-    from sagevideo.sparse.api import GRAPH_MAX_ROWS, SMALL_KMEANS_EVERY, default_kmeans_every
+def test_default_replan_interval_reuses_plans_on_small_videos_only():
+    from sagevideo.sparse.api import GRAPH_MAX_ROWS, SMALL_REPLAN_EVERY, default_replan_every
 
-    assert SMALL_KMEANS_EVERY > 1
-    assert default_kmeans_every(GRAPH_MAX_ROWS) == SMALL_KMEANS_EVERY and default_kmeans_every(GRAPH_MAX_ROWS + 1) == 1
+    assert SMALL_REPLAN_EVERY > 1
+    assert default_replan_every(GRAPH_MAX_ROWS) == SMALL_REPLAN_EVERY and default_replan_every(GRAPH_MAX_ROWS + 1) == 1
     grid = (2, 3, 4)
     q, k, v = _rand(1, 2, 24, seed=6)
     st = SparseState()
     for step in range(7):
         sparse_attention(q, k, v, grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense",
                          state=st, step=step, **SMALL)
-    assert st.calls == 7 and st.clusterings == -(-7 // SMALL_KMEANS_EVERY)
+    assert st.calls == 7 and st.clusterings == -(-7 // SMALL_REPLAN_EVERY)
+    st = SparseState()  # the same for spatiotemporal profiling
+    for step in range(7):
+        sparse_attention(q, k, v, grid=grid, precision="dense", state=st, step=step, **SMALL)
+    assert st.calls == 7 and st.profiles == -(-7 // SMALL_REPLAN_EVERY)
 
 
 def test_profile_every_reuses_head_classes():
@@ -439,7 +443,8 @@ def test_batch_entries_get_different_plans():
         (dict(grid=(2, 3, 4), method="semantic", k_clusters="many"), "k_clusters must be an int ≥ 1, or None"),
         (dict(grid=(2, 3, 4), method="semantic", kmeans_every=0), r"kmeans_every must be an int ≥ 1 \(or None"),
         (dict(grid=(2, 3, 4), method="semantic", kmeans_every=1.5), "kmeans_every must be an int ≥ 1"),
-        (dict(grid=(2, 3, 4), profile_every=None), "profile_every must be an int ≥ 1, got None"),
+        (dict(grid=(2, 3, 4), profile_every="often"), r"profile_every must be an int ≥ 1 \(or None"),
+        (dict(grid=(2, 3, 4), kmeans_iters=None), "kmeans_iters must be an int ≥ 1, got None"),
     ],
 )
 def test_bad_input_errors(kwargs, match):

@@ -146,7 +146,7 @@ def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
 def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
     """``kmeans_every`` None: a video this small re-clusters every 3 steps (cond and uncond of a step share the
     plan), and the plans stay in the states between calls, since the next calls reuse them."""
-    from sagevideo.sparse.api import SMALL_KMEANS_EVERY
+    from sagevideo.sparse.api import SMALL_REPLAN_EVERY
 
     assert methods.get("sparse-semantic").params["kmeans_every"] is None
     pipe = tp.wan_pipeline()
@@ -159,7 +159,7 @@ def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
     assert sparse_steps > 1 and len(states) == tp.LAYERS
     for state in states.values():
         assert state.calls == 2 * sparse_steps
-        assert state.clusterings == -(-sparse_steps // SMALL_KMEANS_EVERY)
+        assert state.clusterings == -(-sparse_steps // SMALL_REPLAN_EVERY)
         assert state.plan is not None  # held for the calls that reuse it
 
 

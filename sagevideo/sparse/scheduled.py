@@ -9,9 +9,9 @@ Classifier-free guidance: diffusers' Wan and HunyuanVideo 1.5 call the transform
 uncond) with the same batch size. With ``profile_every``/``kmeans_every`` = 1 every call plans afresh (k-means
 warm-started from the previous call's centroids, which Sparse VideoGen 2 also shares between the two on
 purpose); with ``N`` > 1 a plan is rebuilt at most every ``N`` steps and both calls of a step reuse it.
-``profile_every`` is 1 by default; ``kmeans_every`` None, i.e. 3 on videos of at most 2²¹ rows over (batch,
-head) and 1 above (:func:`sagevideo.sparse.api.default_kmeans_every`). CogVideoX runs both in one batch of 2,
-and each batch entry gets its own plan.
+Both default to None: 3 on videos of at most 2²¹ rows over (batch, head) and 1 above
+(:func:`sagevideo.sparse.api.default_replan_every`). CogVideoX runs both in one batch of 2, and each batch entry
+gets its own plan.
 
 When a call cannot be planned, the method runs the dense quantized op with the same ``precision`` instead and
 logs that once per reason: ring context parallelism (each call sees one KV chunk; the patterns need the whole
@@ -35,7 +35,7 @@ METHOD_NAMES = {"sparse-spatiotemporal": "spatiotemporal", "sparse-semantic": "s
 COMMON_PARAMS = {"precision": "auto", "smooth_v": False, "seed": 0, "block_m": 128, "block_n": None}
 PARAMS = {
     "sparse-spatiotemporal": {**COMMON_PARAMS, "density": 0.25, "tolerance": 0.5, "profile_samples": 64,
-                              "profile_every": 1},
+                              "profile_every": None},
     "sparse-semantic": {**COMMON_PARAMS, "top_p": 0.9, "min_kc_ratio": 0.1, "q_clusters": None, "k_clusters": None,
                         "kmeans_iters": 2, "kmeans_every": None},
 }
@@ -59,7 +59,7 @@ def _fallback(name: str, reason: str, q, k, v, ctx):
 
 def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
     """Body of the registered method ``name`` (``fn(q, k, v, ctx) -> (out, lse | None)``)."""
-    from sagevideo.sparse.api import SparseState, default_kmeans_every, sparse_attention
+    from sagevideo.sparse.api import SparseState, default_replan_every, sparse_attention
 
     params = dict(ctx.params)
     layout = ctx.layout
@@ -82,13 +82,10 @@ def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
         # seed per layer, so layers do not all sample the same profiling rows
         **{**params, "seed": int(params["seed"]) * 1009 + ctx.layer},
     )
-    if name == "sparse-spatiotemporal":
-        every = params["profile_every"]
-    else:
-        every = params["kmeans_every"]
-        if every is None:
-            heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
-            every = default_kmeans_every(q.shape[0] * heads * layout.video_len)
+    every = params["profile_every" if name == "sparse-spatiotemporal" else "kmeans_every"]
+    if every is None:
+        heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
+        every = default_replan_every(q.shape[0] * heads * layout.video_len)
     if state is not None and int(every) == 1:
         # the next call re-plans anyway: do not hold every layer's block lists between calls (1.1 GiB over
         # Wan2.1-1.3B's 30 layers, 9.7 GiB over Wan2.1-14B's 40 at 720p, measured on an H100)
