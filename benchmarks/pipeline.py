@@ -18,17 +18,16 @@ length, a mid-trajectory timestep). For every mode, in the same process:
   row reports the mean density the methods ran at and the head classes. The big models' default lists leave them
   out: ask for them with ``--modes``.
 
-Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward
-with every block list cut to its first block (each attention call site runs at its real shape, so SDPA backend
-selection and Triton autotuning happen there, at a fraction of a full forward's cost); then the median of up to
-``--reps`` forwards (sparse modes: the mean of a multiple of 3, since a plan is rebuilt every third call on
-videos of at most 2²¹ rows over (batch, head); the patched model sees no scheduler, so its calls are
-counted as steps), fewer when a forward is slow (``--budget-s`` caps the whole run; models that no longer fit
-in it are skipped and say so). Peak memory
-is ``torch.cuda.max_memory_allocated`` over the timed forwards (weights included) and the same minus what was
-allocated before them (activations). Accuracy: relative L1 and cosine of the transformer output against the
-``sdpa`` output of the same inputs. A model whose weights do not fit in free GPU memory is skipped with the
-reason.
+Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward with
+every block list cut to its first block (each attention call site runs at its real shape, so SDPA backend selection
+and Triton autotuning happen there, at a fraction of a full forward's cost); then the median of up to ``--reps``
+forwards (sparse modes: the mean of a multiple of 3, since a plan is rebuilt every third call on videos of at most
+2²¹ rows over (batch, head); the patched model sees no scheduler, so each forward is told its step with
+``handle.set_step``), fewer when a forward is slow (``--budget-s`` caps the whole run; models that no longer fit in
+it are skipped and say so). Peak memory is ``torch.cuda.max_memory_allocated`` over the timed forwards (weights
+included) and the same minus what was allocated before them (activations). Accuracy: relative L1 and cosine of the
+transformer output against the ``sdpa`` output of the same inputs. A model whose weights do not fit in free GPU
+memory is skipped with the reason.
 
 Published configs (``transformer/config.json`` of the diffusers repositories):
 Wan2.1-T2V-1.3B (12 heads × 128, 30 layers, FFN 8960), Wan2.1-T2V-14B (40 × 128, 40 layers, FFN 13824),
@@ -91,6 +90,8 @@ MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotempora
 MODE_METHODS = {"sparse-spatiotemporal-forced": ("sparse-spatiotemporal", {"tolerance": 1e30})}
 # sparse modes time a whole number of these forwards and report their mean: the plan's cost amortised
 REPLAN_CYCLE = 3
+# each timed forward is told its step (0 = the warm-up), as a sampler's forwards are, out of this many
+NOMINAL_STEPS = 1000
 
 
 def _params(cfg: dict) -> int:
@@ -181,14 +182,18 @@ class _FirstBlocksOnly:
             setattr(self.model, attr, blocks)
 
 
-def _time_forward(model, inputs, reps: int, budget_s: float, full_warmup: bool = False, cycle: int = 1):
+def _time_forward(model, inputs, reps: int, budget_s: float, full_warmup: bool = False, cycle: int = 1,
+                  set_step=None):
     """(times in ms, peak bytes, activation bytes, output): a one-block warm-up (``full_warmup``: a whole
     untimed forward, for the sparse methods, whose first call per layer plans cold), then 1 to ``reps`` timed
     forwards (as many as fit in ``budget_s`` after the first), a multiple of ``cycle`` of them when ``cycle`` > 1
-    (at least one cycle, whatever the budget)."""
+    (at least one cycle, whatever the budget). ``set_step(i)``, when given, is called before forward ``i`` (the
+    warm-up is 0): each forward is then a denoising step of its own, as in a sampler."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     with torch.inference_mode():
+        if set_step is not None:
+            set_step(0)
         if full_warmup:
             model(**inputs)
         else:
@@ -201,6 +206,8 @@ def _time_forward(model, inputs, reps: int, budget_s: float, full_warmup: bool =
         n = reps
         while len(times) < n:
             out = None
+            if set_step is not None:
+                set_step(len(times) + 1)
             start.record()
             out = model(**inputs)[0]
             end.record()
@@ -260,7 +267,9 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
                 # most 2^21 rows, sagevideo.sparse.api.default_replan_every); median otherwise
                 times, peak, act, out = _time_forward(model, inputs, reps, per_mode,
                                                       full_warmup=mode.startswith("sparse"),
-                                                      cycle=REPLAN_CYCLE if mode.startswith("sparse") else 1)
+                                                      cycle=REPLAN_CYCLE if mode.startswith("sparse") else 1,
+                                                      set_step=None if handle is None else
+                                                      lambda i, h=handle: h.set_step(i, NOMINAL_STEPS))
             except torch.cuda.OutOfMemoryError:
                 row["modes"][mode] = {"skipped": "out of memory"}
                 log(f"{name} {mode}: out of memory")

@@ -163,6 +163,28 @@ def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
         assert state.plan is not None  # held for the calls that reuse it
 
 
+@pytest.mark.parametrize("name,counter", [("sparse-semantic", "clusterings"), ("sparse-spatiotemporal", "profiles")])
+def test_unknown_step_replans_every_call_by_default(name, counter):
+    """Without a step (no scheduler, no ``set_step``) a call cannot tell the next step of a video from the first
+    step of the next video, so the default interval re-plans every call; with known steps it reuses plans."""
+    from sagevideo.context import AttentionContext, TokenLayout
+    from sagevideo.sparse.api import SMALL_REPLAN_EVERY
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))
+    small = {"q_clusters": 3, "k_clusters": 5} if name == "sparse-semantic" else {}
+    params = methods.validate_params(name, {"precision": "dense", "block_m": 16, "block_n": 16, **small})
+    for steps, want in (([None] * 6, 6), (list(range(6)), -(-6 // SMALL_REPLAN_EVERY))):
+        store = {}
+        for step in steps:
+            ctx = AttentionContext(step=step, num_steps=None if step is None else 6, layer=0, num_layers=1,
+                                   layout=TokenLayout("wan", grid=(2, 4, 6)), tensor_layout="BHSD", heads=(0, 1),
+                                   params=params, store=store, return_lse=False)
+            methods.get(name).fn(q, k, v, ctx)
+        (state,) = store.values()
+        assert state.calls == 6 and getattr(state, counter) == want, (steps, getattr(state, counter))
+
+
 def test_ring_and_unknown_grid_fall_back_to_the_dense_op(caplog):
     from sagevideo.context import AttentionContext, RingChunk, TokenLayout
 

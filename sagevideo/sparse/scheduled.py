@@ -10,8 +10,10 @@ uncond) with the same batch size. With ``profile_every``/``kmeans_every`` = 1 ev
 warm-started from the previous call's centroids, which Sparse VideoGen 2 also shares between the two on
 purpose); with ``N`` > 1 a plan is rebuilt at most every ``N`` steps and both calls of a step reuse it.
 Both default to None: 3 on videos of at most 2²¹ rows over (batch, head) and 1 above
-(:func:`sagevideo.sparse.api.default_replan_every`). CogVideoX runs both in one batch of 2, and each batch entry
-gets its own plan.
+(:func:`sagevideo.sparse.api.default_replan_every`), and 1 when the step of a call is unknown (a transformer
+patched without a scheduler and no ``handle.set_step``): a plan is reused only across steps known to follow each
+other, never into the next video. CogVideoX runs both in one batch of 2, and each batch entry gets its own
+plan.
 
 When a call cannot be planned, the method runs the dense quantized op with the same ``precision`` instead and
 logs that once per reason: ring context parallelism (each call sees one KV chunk; the patterns need the whole
@@ -76,13 +78,16 @@ def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
         if state is None:
             state = ctx.store[(name, ctx.layer, ctx.heads)] = SparseState()
     text = (layout.text_start, layout.text_len) if layout.text_len else None
+    every_key = "profile_every" if name == "sparse-spatiotemporal" else "kmeans_every"
+    if ctx.step is None and params[every_key] is None:
+        params[every_key] = 1  # no step to tell a new video from the next step of this one: plan every call
     res = sparse_attention(
         q, k, v, grid=layout.grid, text=text, method=METHOD_NAMES[name], layout=ctx.tensor_layout, scale=ctx.scale,
         return_lse=ctx.return_lse, key_padding_mask=ctx.key_padding_mask, state=state, step=ctx.step,
         # seed per layer, so layers do not all sample the same profiling rows
         **{**params, "seed": int(params["seed"]) * 1009 + ctx.layer},
     )
-    every = params["profile_every" if name == "sparse-spatiotemporal" else "kmeans_every"]
+    every = params[every_key]
     if every is None:
         heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
         every = default_replan_every(q.shape[0] * heads * layout.video_len)
