@@ -411,8 +411,8 @@ def sparse_attention(
         top_p, min_kc_ratio: semantic — attention mass to keep per query cluster (0.9) and the least fraction
             of key clusters kept (0.1), SVG2's defaults; ``top_p=1`` keeps everything.
         q_clusters, k_clusters: semantic — clusters per (batch, head), clamped to the number of video tokens;
-            None: SVG2's 300 / 1000 (Wan 720p), at most one per ``block_m`` / ``block_n`` video tokens
-            (:func:`sagevideo.sparse.semantic.default_clusters`).
+            None: one per ``block_m`` query rows / ``block_n`` keys of video, between 128 / 256 and SVG2's
+            300 / 1000 (Wan 720p) (:func:`sagevideo.sparse.semantic.default_clusters`).
         kmeans_iters, kmeans_init_iters: k-means rounds when warm-started from ``state`` (2) and cold (50).
         profile_samples, tolerance: spatiotemporal profiling rows (64, SVG1) and the relative-error limit
             above which a head stays dense (0.5, ours).
@@ -427,7 +427,10 @@ def sparse_attention(
         key_padding_mask: bool ``(B, S)``, True = key takes part (text padding), in the original order.
         smooth_v: passed to the kernel (subtract V's channel mean before quantizing).
         state: a :class:`SparseState` to reuse head classes / centroids across calls; None = fresh each call.
-        step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None.
+        step: the denoising step (for ``profile_every`` / ``kmeans_every``); the state's call count if None. A
+            step lower than the last plan's starts a new plan (a new video); with call counts, a state that
+            serves a new video reuses the last plan until the interval runs out, so pass ``step`` (or an
+            interval of 1) when one state serves several videos.
         seed: seeds the profiling rows and the cold k-means initialisation (deterministic results).
         block_m, block_n: query / key block sizes of the kernel; ``block_n`` None = :func:`default_block_n`
             (128 for spatiotemporal plans on frames of ≥ 1,024 tokens, else 64). Semantic key clusters are cut
