@@ -78,8 +78,11 @@ The recipe for ``assets/tiny-wan`` (about 45 minutes of one H100 in all, 38 of t
 model ran job 3 on an H200). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and
 huggingface_hub: ``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``scikit-image==0.26.0`` (its
 sample photographs; it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``).
-Without a network there, carry the wheels in a folder ``.whl/`` and install them first. ``$OUT`` is the
-folder whose files the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
+Without a network there, carry the wheels in a folder ``.whl/`` and install them first. Where what a job may
+carry is capped (this project's GPU tool: 64 MiB, the 45 MiB tracked tree included, 2026-11-24), carry only
+those three, the scikit-image one repacked without the sample files the recipe does not read (about 15 MiB in
+all); a resumed job's ``.tw1`` (about 18 MiB) then no longer fits beside them. ``$OUT`` is the folder whose
+files the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
 two ``optim_*`` files (smaller to carry; the stage re-warms its learning rate), or assemble them into
 ``assets/tiny-wan`` and rebuild ``.tw1`` on the GPU machine with ``assemble --unpack`` (below). Every job
 starts with::
