@@ -81,8 +81,10 @@ sample photographs; it needs scipy, networkx, pillow, imageio, tifffile, packagi
 Without a network there, carry the wheels in a folder ``.whl/`` and install them first. Where what a job may
 carry is capped (this project's GPU tool: 64 MiB, the 45 MiB tracked tree included, 2026-11-24), carry only
 those three, the scikit-image one repacked without the sample files the recipe does not read (about 15 MiB in
-all); a resumed job's ``.tw1`` (about 18 MiB) then no longer fits beside them. ``$OUT`` is the folder whose
-files the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
+all); a resumed job's ``.tw1`` (about 17 MiB) then no longer fits beside them, but the previous job
+assembled into the working tree's ``assets/tiny-wan`` (in place of the shipped files, uncommitted) does, and
+``assemble --unpack`` rebuilds ``.tw1`` from it on the GPU machine (below). ``$OUT`` is the folder whose files
+the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
 two ``optim_*`` files (smaller to carry; the stage re-warms its learning rate), or assemble them into
 ``assets/tiny-wan`` and rebuild ``.tw1`` on the GPU machine with ``assemble --unpack`` (below). Every job
 starts with::
