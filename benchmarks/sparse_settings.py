@@ -7,14 +7,14 @@
 
 For each shape of ``sagevideo bench`` (``sagevideo.bench.SHAPES``, latent grids from ``VIDEO_LAYOUT``) and each
 variant (a dict of ``sparse_attention`` keyword arguments; ``{}`` is the defaults), the whole
-``sagevideo.sparse_attention(method="semantic", precision="int8-fp8")`` call (``--precision``) with one state,
-on six inputs standing for consecutive denoising steps (``sagevideo.testing.denoising_steps``), after a cold call and three
-warm ones. Reported: the **mean** of 24 calls (four whole cycles of any interval up to 3, so a plan rebuilt every
-few calls is amortised over the calls that reuse it) and the median, both against the median SDPA-cuDNN call
+``sagevideo.sparse_attention(method="semantic", precision="int8-fp8")`` call (``--precision``) with one state, on
+six inputs standing for consecutive denoising steps (``sagevideo.testing.denoising_steps``), after a cold call and
+three warm ones. Reported: the **mean** of 24 calls (whole cycles of an interval of 1, 2 or 3, so a plan rebuilt
+every few calls is amortised over the calls that reuse it) and the median, both against the median SDPA-cuDNN call
 in the same run; the plan's density and the heads whose tiles send them to the dense op
 (``semantic.DENSE_TILE_FRACTION``); the cosine and relative L1 of 512 sampled query rows against float32 dense
-attention. ``--plan-bytes`` adds the memory one layer's plan holds between calls (its tensors), which a state
-keeps when it re-plans less often than every call.
+attention. ``--plan-bytes`` adds the memory one layer's plan holds between calls (its tensors), which a state keeps
+when it re-plans less often than every call.
 """
 
 from __future__ import annotations
@@ -139,7 +139,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", nargs="*", choices=list(SHAPES), default=["wan2.1-1.3b-480p", "cogvideox-5b"])
     ap.add_argument("--variants", default='[{}, {"kmeans_every": 1}]',
                     help="JSON list of sparse_attention keyword dicts ({} = the defaults)")
-    ap.add_argument("--precision", choices=["int8-fp8", "int8-fp16", "dense"], default="int8-fp8")
+    ap.add_argument("--precision", choices=["int8-fp8", "int8-fp16", "dense"],
+                    help="kernel arithmetic (default int8-fp8; dense with --smoke, where the Triton interpreter would "
+                         "take minutes over the default's one-token clusters)")
     ap.add_argument("--plan-bytes", action="store_true", help="also measure the memory one layer's plan holds")
     ap.add_argument("--out", help="write the environment and the rows as JSON here")
     ap.add_argument("--smoke", action="store_true", help="CPU, a tiny shape: checks the script, measures nothing")
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
     variants = json.loads(args.variants)
     if not isinstance(variants, list) or not all(isinstance(v, dict) for v in variants):
         ap.error("--variants must be a JSON list of objects")
+    precision = args.precision or ("dense" if args.smoke else "int8-fp8")
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:
         ap.error("needs a CUDA GPU (or --smoke)")
@@ -154,7 +157,7 @@ def main(argv=None) -> int:
             else [(n, SHAPES[n], VIDEO_LAYOUT[n]) for n in args.shapes])
     rows = []
     for name, shape, layout in jobs:
-        rows += bench_shape(name, shape, layout, variants, cuda=cuda, precision=args.precision,
+        rows += bench_shape(name, shape, layout, variants, cuda=cuda, precision=precision,
                             plan_bytes=args.plan_bytes)
         if cuda:
             torch.cuda.empty_cache()
