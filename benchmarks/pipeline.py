@@ -45,6 +45,8 @@ import time
 
 import torch
 
+from sagevideo.sparse.api import SMALL_REPLAN_EVERY
+
 # name -> (family, transformer class, config kwargs, input builder name, description)
 MODELS = {
     "wan2.1-1.3b": dict(
@@ -89,7 +91,7 @@ MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotempora
 # the patterns fit (as on trained models), not a statement about accuracy.
 MODE_METHODS = {"sparse-spatiotemporal-forced": ("sparse-spatiotemporal", {"tolerance": 1e30})}
 # sparse modes time a whole number of these forwards and report their mean: the plan's cost amortised
-REPLAN_CYCLE = 3
+REPLAN_CYCLE = SMALL_REPLAN_EVERY
 # each timed forward is told its step (0 = the warm-up), as a sampler's forwards are, out of this many
 NOMINAL_STEPS = 1000
 

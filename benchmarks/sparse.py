@@ -157,25 +157,11 @@ def local_layout(b, h, sizes, centres, block, density, device):
 def measure(fn, inputs, *, warmup, reps, cuda, stat=statistics.median):
     """Median ms (or ``stat``) of ``fn(inputs[i])`` over ``reps`` calls cycling through the input sets, after
     warm-up."""
+    from sagevideo.testing import call_times
+
     for i in range(warmup):
         fn(inputs[i % len(inputs)])
-    if not cuda:
-        times = []
-        for r in range(reps):
-            t0 = time.perf_counter()
-            fn(inputs[r % len(inputs)])
-            times.append((time.perf_counter() - t0) * 1e3)
-        return stat(times)
-    torch.cuda.synchronize()
-    events = []
-    for r in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(inputs[r % len(inputs)])
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    return stat([s.elapsed_time(e) for s, e in events])
+    return stat(call_times(fn, inputs, reps, cuda=cuda))
 
 
 def sampled_reference(q, k, v, rows, mask_rows=None):
@@ -274,7 +260,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
     # the methods end to end: pattern search + permutation (plan_sparse, warm state as in steps after the first)
     # and the whole sparse_attention call, with each method's default parameters
-    from sagevideo.sparse.api import SparseState, plan_sparse, sparse_attention
+    from sagevideo.sparse.api import SMALL_REPLAN_EVERY, SparseState, plan_sparse, sparse_attention
 
     text = (s - extra, extra) if extra else None
     steps = denoising_steps(sets[0], fresh, seed=1000)
@@ -300,7 +286,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
         add(f"plan {method}{tag}", density, plan_ms, note="pattern search + permutation only (warm state)")
         # the mean over whole re-planning cycles: the plan's cost amortised over the calls that reuse it
-        cycle = 6  # a multiple of every default interval (1 or 3)
+        cycle = 2 * SMALL_REPLAN_EVERY  # whole cycles of every default interval (1 or SMALL_REPLAN_EVERY)
         add(f"sparse_attention {method}{tag}", density,
             measure(full, steps, warmup=warmup, reps=-(-reps // cycle) * cycle, cuda=cuda, stat=statistics.mean),
             full(steps[0]), note="int8-fp8, planning included (default re-planning interval, mean of calls)")

@@ -24,30 +24,9 @@ import dataclasses
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
-
-
-def _times(fn, inputs, n, cuda):
-    if not cuda:
-        out = []
-        for i in range(n):
-            t = time.perf_counter()
-            fn(inputs[i % len(inputs)])
-            out.append((time.perf_counter() - t) * 1e3)
-        return out
-    torch.cuda.synchronize()
-    events = []
-    for i in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn(inputs[i % len(inputs)])
-        b.record()
-        events.append((a, b))
-    torch.cuda.synchronize()
-    return [a.elapsed_time(b) for a, b in events]
 
 
 def tensor_bytes(obj, seen=None) -> int:
@@ -74,7 +53,7 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
 
     from sagevideo.bench import _sample_reference
     from sagevideo.sparse.api import SparseState, sparse_attention
-    from sagevideo.testing import denoising_steps, error_metrics, locality_qkv
+    from sagevideo.testing import call_times, denoising_steps, error_metrics, locality_qkv
 
     b, h, s, d = shape
     grid, extra, text_first = layout
@@ -91,7 +70,7 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
 
     for x in steps[:2]:
         sdpa(x)
-    cudnn = statistics.median(_times(sdpa, steps, 20, cuda))
+    cudnn = statistics.median(call_times(sdpa, steps, 20, cuda=cuda))
     log(f"{name}: SDPA-cuDNN {cudnn:.2f} ms")
     out = []
     for kw in variants:
@@ -104,7 +83,7 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
 
         for x in steps[:4]:  # one cold call, three warm
             call(x)
-        times = _times(call, steps, 24, cuda)
+        times = call_times(call, steps, 24, cuda=cuda)
         m = error_metrics(call(steps[0])[:, :, rows], ref)
         plan = state.plan
         tiles = plan.info.get("tile_fraction_per_head")

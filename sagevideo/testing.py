@@ -1,11 +1,13 @@
 """Inputs with the structure real video DiTs feed attention, and the error metrics the project reports.
 
-Used by the tests and by ``benchmarks/``: plain Gaussians hide exactly the failure modes quantized attention
-has (K with large per-channel offsets, a few outlier channels in Q and K, V with a bias), so every accuracy
-check draws from :func:`structured_qkv`.
+Used by the tests and by ``benchmarks/`` (with their timer, :func:`call_times`): plain Gaussians hide exactly the
+failure modes quantized attention has (K with large per-channel offsets, a few outlier channels in Q and K, V with
+a bias), so every accuracy check draws from :func:`structured_qkv`.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -112,6 +114,28 @@ def denoising_steps(qkv, n, *, seed):
         return (t.float() + STEP_NOISE * t.float().std() * noise).to(t.dtype)
 
     return [tuple(qkv)] + [tuple(step(t) for t in qkv) for _ in range(1, n)]
+
+
+def call_times(fn, inputs, reps: int, *, cuda: bool) -> list[float]:
+    """Milliseconds of each of ``reps`` calls ``fn(inputs[i % len(inputs)])``: CUDA events around each call
+    (read after one final sync) when ``cuda``, wall-clock otherwise. The benchmark scripts' timer."""
+    if not cuda:
+        times = []
+        for r in range(reps):
+            t0 = time.perf_counter()
+            fn(inputs[r % len(inputs)])
+            times.append((time.perf_counter() - t0) * 1e3)
+        return times
+    torch.cuda.synchronize()
+    events = []
+    for r in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(inputs[r % len(inputs)])
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in events]
 
 
 def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

@@ -79,19 +79,17 @@ def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
             state = ctx.store[(name, ctx.layer, ctx.heads)] = SparseState()
     text = (layout.text_start, layout.text_len) if layout.text_len else None
     every_key = "profile_every" if name == "sparse-spatiotemporal" else "kmeans_every"
-    if ctx.step is None and params[every_key] is None:
-        params[every_key] = 1  # no step to tell a new video from the next step of this one: plan every call
+    if params[every_key] is None:
+        # the default interval; with no step nothing tells a new video from the next step of this one: every call
+        heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
+        params[every_key] = 1 if ctx.step is None else default_replan_every(q.shape[0] * heads * layout.video_len)
     res = sparse_attention(
         q, k, v, grid=layout.grid, text=text, method=METHOD_NAMES[name], layout=ctx.tensor_layout, scale=ctx.scale,
         return_lse=ctx.return_lse, key_padding_mask=ctx.key_padding_mask, state=state, step=ctx.step,
         # seed per layer, so layers do not all sample the same profiling rows
         **{**params, "seed": int(params["seed"]) * 1009 + ctx.layer},
     )
-    every = params[every_key]
-    if every is None:
-        heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
-        every = default_replan_every(q.shape[0] * heads * layout.video_len)
-    if state is not None and int(every) == 1:
+    if state is not None and int(params[every_key]) == 1:
         # the next call re-plans anyway: do not hold every layer's block lists between calls (1.1 GiB over
         # Wan2.1-1.3B's 30 layers, 9.7 GiB over Wan2.1-14B's 40 at 720p, measured on an H100)
         state.drop_plans()
