@@ -21,9 +21,8 @@ length, a mid-trajectory timestep). For every mode, in the same process:
 Timing: CUDA events around one transformer forward under ``torch.inference_mode``. The warm-up is a forward with
 every block list cut to its first block (each attention call site runs at its real shape, so SDPA backend selection
 and Triton autotuning happen there, at a fraction of a full forward's cost); then the median of up to ``--reps``
-forwards (sparse modes: the mean of a multiple of 3, since a plan is rebuilt every third call on videos of at most
-2²¹ rows over (batch, head); the patched model sees no scheduler, so each forward is told its step with
-``handle.set_step``), fewer when a forward is slow (``--budget-s`` caps the whole run; models that no longer fit in
+forwards (sparse modes: the mean of a multiple of 3, since a plan is rebuilt every third call; the patched model
+sees no scheduler, so each forward is told its step with ``handle.set_step``), fewer when a forward is slow (``--budget-s`` caps the whole run; models that no longer fit in
 it are skipped and say so). Peak memory is ``torch.cuda.max_memory_allocated`` over the timed forwards (weights
 included) and the same minus what was allocated before them (activations). Accuracy: relative L1 and cosine of the
 transformer output against the ``sdpa`` output of the same inputs. A model whose weights do not fit in free GPU
@@ -45,7 +44,7 @@ import time
 
 import torch
 
-from sagevideo.sparse.api import SMALL_REPLAN_EVERY
+from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
 
 # name -> (family, transformer class, config kwargs, input builder name, description)
 MODELS = {
@@ -91,7 +90,7 @@ MODES = ("sdpa", "patched-dense", "int8-fp16", "int8-fp8", "sparse-spatiotempora
 # the patterns fit (as on trained models), not a statement about accuracy.
 MODE_METHODS = {"sparse-spatiotemporal-forced": ("sparse-spatiotemporal", {"tolerance": 1e30})}
 # sparse modes time a whole number of these forwards and report their mean: the plan's cost amortised
-REPLAN_CYCLE = SMALL_REPLAN_EVERY
+REPLAN_CYCLE = DEFAULT_REPLAN_EVERY
 # each timed forward is told its step (0 = the warm-up), as a sampler's forwards are, out of this many
 NOMINAL_STEPS = 1000
 
@@ -265,8 +264,8 @@ def bench_model(name: str, modes, reps: int, budget_s: float, log=print) -> dict
                 method, params = MODE_METHODS.get(mode, ("dense" if mode == "patched-dense" else mode, {}))
                 handle = patch_transformer(model, AttentionConfig.uniform(method, **params))
             try:
-                # sparse: the mean of whole re-planning cycles (a plan is rebuilt every 3rd call on videos of at
-                # most 2^21 rows, sagevideo.sparse.api.default_replan_every); median otherwise
+                # sparse: the mean of whole re-planning cycles (a plan is rebuilt every 3rd call,
+                # sagevideo.sparse.api.DEFAULT_REPLAN_EVERY); median otherwise
                 times, peak, act, out = _time_forward(model, inputs, reps, per_mode,
                                                       full_warmup=mode.startswith("sparse"),
                                                       cycle=REPLAN_CYCLE if mode.startswith("sparse") else 1,

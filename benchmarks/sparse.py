@@ -13,8 +13,9 @@ For each shape, in one process and on the same inputs:
   the whole ``sagevideo.sparse_attention`` call in ``int8-fp8`` with the method's default parameters, on
   inputs standing for consecutive denoising steps (:func:`denoising_steps`: the first set plus small noise).
   The plan rows re-plan at every call; the whole-call rows use the default interval (plans rebuilt every 3
-  calls on videos of at most 2²¹ rows over (batch, head), ``sparse.api.default_replan_every``) and report the
-  mean over whole cycles, i.e. the plan's cost amortised over the calls that reuse it;
+  calls, ``sparse.api.DEFAULT_REPLAN_EVERY``) and report the mean over a cycle, i.e. the plan's cost
+  amortised over the calls that reuse it (the median over every run of 3 consecutive calls,
+  ``sagevideo.testing.cycle_mean``, so a cycle that compiled a new kernel variant does not count);
 * ``sparse <precision> d=<density>``: ``sagevideo.sparse.blocks.block_sparse_attention`` at densities 1.0, 0.5,
   0.3, 0.15, 0.10, 0.05, INCLUDING the quantization pass, which reads the tokens through a permutation
   (``--perm tile``, the default: 3-D tiles of the latent grid made contiguous, the kind of order a sparse engine
@@ -31,8 +32,8 @@ grouped in (2, 8, 8) tiles (128 tokens; edge tiles are smaller: clusters of uneq
 ``cluster_blocks(..., align=16)``), and each query block keeps the KV blocks whose tile centres are nearest
 (time weighted ×2), as many as the density asks; text tokens attend to and are attended by everything.
 
-Timing: CUDA events around each call, after warm-up, median (whole sparse calls: mean) of ``--reps`` calls cycling
-through ``--fresh`` input sets (so no call reuses the previous call's operands from L2). Throughput is the dense
+Timing: CUDA events around each call, after warm-up, median (whole sparse calls: cycle mean) of ``--reps`` calls
+cycling through ``--fresh`` input sets (so no call reuses the previous call's operands from L2). Throughput is the dense
 work ``4·B·H·S²·D / time`` ("TOPS-equivalent": the rate at which a dense kernel would have to run to match), and
 the ratio is SDPA-cuDNN's time over the row's time, measured in the same run. Accuracy: cosine and relative L1 on a
 sample of query rows against float32 exact attention under the same mask (``cos``/``rel_l1``: the kernel's error)
@@ -54,7 +55,7 @@ import time
 
 import torch
 
-from sagevideo.testing import denoising_steps, locality_qkv
+from sagevideo.testing import cycle_mean, denoising_steps, locality_qkv
 
 # name -> ((B, H, S, D), (T, H, W) latent grid, extra text tokens)
 SHAPES = {
@@ -260,7 +261,7 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
 
     # the methods end to end: pattern search + permutation (plan_sparse, warm state as in steps after the first)
     # and the whole sparse_attention call, with each method's default parameters
-    from sagevideo.sparse.api import SMALL_REPLAN_EVERY, SparseState, plan_sparse, sparse_attention
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY, SparseState, plan_sparse, sparse_attention
 
     text = (s - extra, extra) if extra else None
     steps = denoising_steps(sets[0], fresh, seed=1000)
@@ -285,11 +286,14 @@ def bench_shape(name, spec, *, precisions, densities, reps, warmup, fresh, sampl
             return sparse_attention(*x, state=state, step=next(step), precision="int8-fp8", **kw)
 
         add(f"plan {method}{tag}", density, plan_ms, note="pattern search + permutation only (warm state)")
-        # the mean over whole re-planning cycles: the plan's cost amortised over the calls that reuse it
-        cycle = 2 * SMALL_REPLAN_EVERY  # whole cycles of every default interval (1 or SMALL_REPLAN_EVERY)
+        # the mean over re-planning cycles (the plan's cost amortised over the calls that reuse it), median over
+        # the cycles (a cycle that compiled a new kernel variant, e.g. the first call sending some heads to the
+        # dense op, does not count)
+        cycle = DEFAULT_REPLAN_EVERY
         add(f"sparse_attention {method}{tag}", density,
-            measure(full, steps, warmup=warmup, reps=-(-reps // cycle) * cycle, cuda=cuda, stat=statistics.mean),
-            full(steps[0]), note="int8-fp8, planning included (default re-planning interval, mean of calls)")
+            measure(full, steps, warmup=warmup, reps=max(reps, 4 * cycle), cuda=cuda,
+                    stat=lambda t: cycle_mean(t, cycle)),
+            full(steps[0]), note="int8-fp8, planning included (default re-planning interval, cycle mean)")
     cudnn = next((r.ms for r in results if r.provider == sdpa_name and r.ms == r.ms), None)
     for r in results:
         if cudnn and r.ms == r.ms:

@@ -9,9 +9,10 @@ For each shape of ``sagevideo bench`` (``sagevideo.bench.SHAPES``, latent grids 
 variant (a dict of ``sparse_attention`` keyword arguments; ``{}`` is the defaults), the whole
 ``sagevideo.sparse_attention(method="semantic", precision="int8-fp8")`` call (``--precision``) with one state, on
 six inputs standing for consecutive denoising steps (``sagevideo.testing.denoising_steps``), after a cold call and
-three warm ones. Reported: the **mean** of 24 calls (whole cycles of an interval of 1, 2 or 3, so a plan rebuilt
-every few calls is amortised over the calls that reuse it) and the median, both against the median SDPA-cuDNN call
-in the same run; the plan's density and the heads whose tiles send them to the dense op
+three warm ones. Reported: the **cycle mean** of 24 calls (the median, over every run of as many consecutive calls
+as the re-planning interval, of the run's mean: a plan rebuilt every few calls is amortised over the calls that
+reuse it, and a run that compiled a new kernel variant does not count; ``sagevideo.testing.cycle_mean``) and the
+median, both against the median SDPA-cuDNN call in the same run; the plan's density and the heads whose tiles send them to the dense op
 (``semantic.DENSE_TILE_FRACTION``); the cosine and relative L1 of 512 sampled query rows against float32 dense
 attention. ``--plan-bytes`` adds the memory one layer's plan holds between calls (its tensors), which a state keeps
 when it re-plans less often than every call.
@@ -52,8 +53,8 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from sagevideo.bench import _sample_reference
-    from sagevideo.sparse.api import SparseState, sparse_attention
-    from sagevideo.testing import call_times, denoising_steps, error_metrics, locality_qkv
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY, SparseState, sparse_attention
+    from sagevideo.testing import call_times, cycle_mean, denoising_steps, error_metrics, locality_qkv
 
     b, h, s, d = shape
     grid, extra, text_first = layout
@@ -84,10 +85,11 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
         for x in steps[:4]:  # one cold call, three warm
             call(x)
         times = call_times(call, steps, 24, cuda=cuda)
+        every = kw.get("kmeans_every") or DEFAULT_REPLAN_EVERY
         m = error_metrics(call(steps[0])[:, :, rows], ref)
         plan = state.plan
         tiles = plan.info.get("tile_fraction_per_head")
-        row = dict(shape=name, variant=kw, cudnn_ms=cudnn, mean_ms=statistics.mean(times),
+        row = dict(shape=name, variant=kw, cudnn_ms=cudnn, mean_ms=cycle_mean(times, every),
                    median_ms=statistics.median(times), density=float(plan.density),
                    heads=b * h, dense_by_tiles=None if tiles is None else int((tiles >= 0.8).sum()),
                    tile_fraction_mean=None if tiles is None else float(tiles.float().mean()),
@@ -103,10 +105,15 @@ def bench_shape(name, shape, layout, variants, *, cuda, precision="int8-fp8", pl
         for i in range(3):
             sparse_attention(*first, grid=grid, text=text, method="semantic", precision=precision, state=state,
                              step=i, kmeans_every=1)
-        held = tensor_bytes(state.plan)
-        out.append(dict(shape=name, plan_mib=held / 2**20, layout_mib=tensor_bytes(state.plan.layout) / 2**20))
-        log(f"  one layer's plan holds {held / 2**20:.1f} MiB (block layout "
-            f"{out[-1]['layout_mib']:.1f} MiB; centroids not counted)")
+        plan = state.plan
+        held = tensor_bytes(plan)
+        row = dict(shape=name, plan_mib=held / 2**20, layout_mib=tensor_bytes(plan.layout) / 2**20,
+                   perms_mib=tensor_bytes([plan.q_perm, plan.kv_perm]) / 2**20,
+                   centroids_mib=tensor_bytes([plan.info["q_centroids"], plan.info["k_centroids"]]) / 2**20)
+        out.append(row)
+        log(f"  one layer's plan holds {held / 2**20:.1f} MiB: block layout {row['layout_mib']:.1f}, permutations "
+            f"{row['perms_mib']:.1f}, centroids {row['centroids_mib']:.1f} (kept for the warm start whatever the "
+            "interval)")
     return out
 
 

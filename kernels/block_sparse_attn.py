@@ -1,7 +1,8 @@
 """Block-sparse attention kernel (forward) of sagevideo: quantized (INT8 QKᵀ, FP8 or 16-bit PV) or 16-bit.
 
 One program handles one (batch, head, query block). The query block is ``q_len`` rows starting at ``q_start``
-of the (permuted) sequence; the program walks the ``kv_count`` KV blocks listed in its row of ``kv_index``,
+of the (permuted) sequence; the program walks the ``kv_count`` KV blocks listed at ``kv_offset`` in
+``kv_index`` (compressed rows: the lists end to end, a list possibly shared by several query blocks),
 each ``k_len`` keys starting at ``k_start`` (cut into tiles of ``BLOCK_N``; rows and keys past a block's
 length are masked), so the work scales with the kept blocks and blocks may have any length up to the tile:
 the layout a token permutation into clusters of unequal size produces (each cluster cut into chunks of at
@@ -130,17 +131,17 @@ def _sparse_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["H", "Sq", "Skv", "NQ", "NK", "MAXK"])
+@triton.jit(do_not_specialize=["H", "Sq", "Skv", "NQ", "NK"])
 def _block_sparse_fwd(
     Q, QS, K, KS, V, VS, VM, LSE_OFF, MASK, O, LSE, QIDX, KIDX,
-    Q_START, Q_LEN, KV_WORD, KV_INDEX, KV_COUNT,
+    Q_START, Q_LEN, KV_WORD, KV_INDEX, KV_OFF, KV_COUNT,
     stride_qb, stride_qh, stride_qs, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
     stride_mb, stride_mn,
-    H, Sq, Skv, NQ, NK, MAXK, qk_scale, ks_stride,
+    H, Sq, Skv, NQ, NK, qk_scale, ks_stride,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     SINGLE_TILE: tl.constexpr, SPLIT_M: tl.constexpr, MODE: tl.constexpr, DOT_IEEE: tl.constexpr,
     HAS_MASK: tl.constexpr, PERM_Q: tl.constexpr, PERM_KV: tl.constexpr,
@@ -187,16 +188,17 @@ def _block_sparse_fwd(
 
     count = tl.load(KV_COUNT + blk_q)
     count = tl.where(q_len > part * BLOCK_M, count, 0)  # padding slots (and empty halves) do no work
+    lst = KV_INDEX + tl.load(KV_OFF + blk_q)  # this query block's list (possibly shared with other blocks)
     # Each KV block's start and length come packed in one word (start << LEN_BITS | length), read one iteration
     # ahead and carried in the loop: the tile loads then depend on no load of their own iteration, and Triton
     # software-pipelines them over num_stages buffers (read in the same iteration, the two dependent scalar
     # loads left one buffer and a full wait before every tile). H100, 2026-11-24, every 128-key block kept at
     # Wan2.1-14B 720p, INT8/FP8 operands given: 209 ms against the dense kernel's 189 (the loads inside the
     # iteration took 237 ms in a like probe).
-    w_next = tl.load(KV_WORD + bh * NK + tl.load(KV_INDEX + blk_q * MAXK, mask=count > 0, other=0), mask=count > 0)
+    w_next = tl.load(KV_WORD + bh * NK + tl.load(lst, mask=count > 0, other=0), mask=count > 0)
     for j in range(0, count):
         w = w_next
-        nxt = tl.load(KV_INDEX + blk_q * MAXK + j + 1, mask=j + 1 < count, other=0)
+        nxt = tl.load(lst + j + 1, mask=j + 1 < count, other=0)
         w_next = tl.load(KV_WORD + bh * NK + nxt, mask=j + 1 < count, other=0)
         k0 = w >> LEN_BITS
         if KV_ALIGN16:  # every KV block starts at a multiple of 16 keys (checked on the host)
@@ -319,6 +321,7 @@ def block_sparse_fwd(
     k_start: torch.Tensor,
     k_len: torch.Tensor,
     kv_index: torch.Tensor,
+    kv_offset: torch.Tensor,
     kv_count: torch.Tensor,
     block_m: int,
     block_n: int,
@@ -340,7 +343,8 @@ def block_sparse_fwd(
     with ``q_gather=q_perm, kv_gather=kv_perm``); ``k``/``v``/``scale`` are unused.
 
     The layout tensors are contiguous int32: ``q_start``/``q_len`` ``(B, H, NQ)``, ``k_start``/``k_len``
-    ``(B, H, NK)``, ``kv_index`` ``(B, H, NQ, MAXK)``, ``kv_count`` ``(B, H, NQ)``; ``q_perm``/``kv_perm``
+    ``(B, H, NK)``, ``kv_index`` ``(L,)`` (the block lists end to end), ``kv_offset``/``kv_count``
+    ``(B, H, NQ)`` (where each query block's list starts in ``kv_index``, and its length); ``q_perm``/``kv_perm``
     contiguous int32 ``(B, H, S)`` or None; ``key_padding_mask`` bool ``(B, Skv)`` in the original order.
     ``out_bhsd`` (any strides) and ``lse_bhs`` (fp32, any strides) receive the rows covered by query blocks,
     in the original order; rows in no query block are not written.
@@ -392,7 +396,7 @@ def block_sparse_fwd(
             svb, svh, svn, svd = vv.stride()
         qk_scale = 1.0
         dot_ieee = False
-    nq, nk, maxk = q_start.shape[2], k_start.shape[2], kv_index.shape[3]
+    nq, nk = q_start.shape[2], k_start.shape[2]
     bm, bn = tile_sizes(block_m, block_n)
     len_bits = max(1, int(block_n).bit_length())  # a KV block holds at most block_n keys
     if skv >= 1 << (31 - len_bits):
@@ -400,6 +404,8 @@ def block_sparse_fwd(
             f"block_sparse_fwd: {skv} keys do not fit the packed block word next to a length of up to "
             f"block_n={block_n} keys (at most {(1 << (31 - len_bits)) - 1} keys; use smaller KV blocks)"
         )
+    if kv_index.numel() == 0:  # no lists at all (every count 0): any valid pointer does, it is never read
+        kv_index = kv_count
     kv_word = torch.bitwise_or(torch.bitwise_left_shift(k_start, len_bits), k_len)
     can_window = kv_tile(block_n, kv_aligned, kv_reach, quantized=code != MODE_DENSE)[1] and kv_tail >= bn
     if kv_window and not can_window:
@@ -426,14 +432,14 @@ def block_sparse_fwd(
             mask.view(torch.uint8) if mask is not None else dummy,
             out_bhsd, lse if lse is not None else dummy,
             q_perm if q_perm is not None else dummy, kv_perm if kv_perm is not None else dummy,
-            q_start, q_len, kv_word, kv_index, kv_count,
+            q_start, q_len, kv_word, kv_index, kv_offset, kv_count,
             sqb, sqh, sqs, sqd,
             skb, skh, skn, skd,
             svb, svh, svn, svd,
             *out_bhsd.stride(),
             slb, slh, sls,
             smb, smn,
-            h, sq, skv, nq, nk, maxk, qk_scale, ks_stride,
+            h, sq, skv, nq, nk, qk_scale, ks_stride,
             D=d, BLOCK_M=bm // split, BLOCK_N=bn, BLOCK_D=dp, SINGLE_TILE=bn >= block_n, SPLIT_M=split,
             KV_WINDOW=window,
             MODE=code, DOT_IEEE=dot_ieee,

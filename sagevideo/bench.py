@@ -12,7 +12,7 @@ CUDA events through ``triton.testing.do_bench``, after warm-up):
   ``int8-fp8``, pattern search included, with each method's defaults, on inputs with locality over the shape's
   latent grid (``sagevideo.testing.locality_qkv``) that stand for consecutive denoising steps of one video
   (``denoising_steps``), so the method's state is warm-started as in a sampler; the mean of the calls, not the
-  median, since a plan is rebuilt every few calls by default (``sparse.api.default_replan_every``).
+  median, since a plan is rebuilt every few calls by default (``sparse.api.DEFAULT_REPLAN_EVERY``).
   Its accuracy is against float32 *dense* attention on those inputs: what the pattern and the quantization
   cost together.
 

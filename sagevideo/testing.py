@@ -7,6 +7,7 @@ a bias), so every accuracy check draws from :func:`structured_qkv`.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -136,6 +137,19 @@ def call_times(fn, inputs, reps: int, *, cuda: bool) -> list[float]:
         events.append((start, end))
     torch.cuda.synchronize()
     return [s.elapsed_time(e) for s, e in events]
+
+
+def cycle_mean(times: list[float], cycle: int) -> float:
+    """The median, over every run of ``cycle`` consecutive calls, of the run's mean time.
+
+    For calls that rebuild a plan every ``cycle`` calls and reuse it in between: every such run holds one
+    planning call, so a run's mean is the plan's cost amortised over the calls that reuse it, and the median over the
+    runs ignores the few runs that met a one-time cost (a Triton kernel variant compiled, and its launch
+    configuration timed, the first time a call takes a new path: several seconds at the 720p shapes). Needs at
+    least ``cycle`` times."""
+    if cycle < 1 or len(times) < cycle:
+        raise ValueError(f"cycle_mean: need cycle >= 1 and at least {cycle} times, got {len(times)}")
+    return statistics.median(statistics.fmean(times[i:i + cycle]) for i in range(len(times) - cycle + 1))
 
 
 def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:

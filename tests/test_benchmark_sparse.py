@@ -94,3 +94,19 @@ def test_denoising_steps_are_close_copies():
     assert not torch.equal(steps[1][0], steps[2][0])
     again = denoising_steps(qkv, 3, seed=7)
     assert all(torch.equal(a, b) for a, b in zip(steps[2], again[2]))
+
+
+def test_cycle_mean_amortises_the_plan_and_ignores_a_one_time_cost():
+    """Calls that plan every 3rd call: the cycle mean is the plan amortised over the cycle, whatever the phase of
+    the first call, and one compile spike among the calls moves it not at all (a plain mean would move a lot)."""
+    from sagevideo.testing import cycle_mean
+
+    for phase in range(3):
+        times = [10.0 if (i + phase) % 3 == 0 else 4.0 for i in range(24)]  # plan calls take 10, reuse calls 4
+        assert cycle_mean(times, 3) == pytest.approx(6.0)
+        spiked = list(times)
+        spiked[7] += 5000.0
+        assert cycle_mean(spiked, 3) == pytest.approx(6.0) and sum(spiked) / 24 > 200
+    assert cycle_mean([1.0, 3.0], 1) == pytest.approx(2.0)  # interval 1: the median of the calls
+    with pytest.raises(ValueError):
+        cycle_mean([1.0, 2.0], 3)

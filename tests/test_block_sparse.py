@@ -52,8 +52,9 @@ def _naive_token_mask(layout, sq, skv):
         for hi in range(h):
             for i in range(nq):
                 qs, ql = int(layout.q_start[bi, hi, i]), int(layout.q_len[bi, hi, i])
+                off = int(layout.kv_offset[bi, hi, i])
                 for j in range(int(layout.kv_count[bi, hi, i])):
-                    blk = int(layout.kv_index[bi, hi, i, j])
+                    blk = int(layout.kv_index[off + j])
                     ks, kl = int(layout.k_start[bi, hi, blk]), int(layout.k_len[bi, hi, blk])
                     m[bi, hi, qs : qs + ql, ks : ks + kl] = True
     return m
@@ -187,10 +188,11 @@ def _hand_layout():
 
 def test_block_mask_to_layout():
     lay = _hand_layout()
-    assert lay.kv_index.dtype == lay.kv_count.dtype == torch.int32
-    # the padding KV block (3) and the padding query slot are dropped; MAXK = the largest count
+    assert lay.kv_index.dtype == lay.kv_count.dtype == lay.kv_offset.dtype == torch.int32
+    # the padding KV block (3) and the padding query slot are dropped; the lists are packed end to end
     assert lay.kv_count.tolist() == [[[2, 0, 0]]]
-    assert lay.kv_index.tolist() == [[[[0, 2], [0, 0], [0, 0]]]]
+    assert lay.kv_index.tolist() == [0, 2] and lay.kv_offset[0, 0, 0] == 0
+    assert lay.padded_lists().tolist() == [[[[0, 2], [0, 0], [0, 0]]]]
     assert lay.density == pytest.approx(16 * (16 + 3) / (21 * 35))
     assert lay.keep_matrix().tolist() == [[[[True, False, True, False], [False] * 4, [False] * 4]]]
     # ids come out in increasing order, whatever the block mask
@@ -199,11 +201,13 @@ def test_block_mask_to_layout():
     qs, qln = uniform_blocks(2, 2, 80, 16, "cpu")
     lay2 = block_mask_to_layout(qs, qln, st, ln, keep, 16, 10)
     assert lay2.kv_count.tolist() == keep.sum(-1).tolist()
+    # packed: the lists take exactly the kept pairs, each list where its offset says
+    assert lay2.kv_index.numel() == int(keep.sum())
     for b in range(2):
         for h in range(2):
             for i in range(5):
-                n = int(lay2.kv_count[b, h, i])
-                assert lay2.kv_index[b, h, i, :n].tolist() == keep[b, h, i].nonzero().flatten().tolist()
+                n, o = int(lay2.kv_count[b, h, i]), int(lay2.kv_offset[b, h, i])
+                assert lay2.kv_index[o:o + n].tolist() == keep[b, h, i].nonzero().flatten().tolist()
 
 
 def test_block_mask_to_layout_with_shared_rows():
@@ -223,7 +227,11 @@ def test_block_mask_to_layout_with_shared_rows():
     expanded = row_keep.gather(2, rows[..., None].expand(b, h, nq, nk))
     want = block_mask_to_layout(qs, ql, ks, kl, expanded, 16, 8)
     got = block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows)
-    assert torch.equal(got.kv_count, want.kv_count) and torch.equal(got.kv_index, want.kv_index)
+    assert torch.equal(got.kv_count, want.kv_count) and torch.equal(got.padded_lists(), want.padded_lists())
+    # one list per mask row, shared by the query blocks of that row: at most R lists' worth of entries
+    assert got.kv_index.numel() <= int((row_keep & (kl > 0)[..., None, :]).sum())
+    same_row = rows[..., :, None] == rows[..., None, :]
+    assert (got.kv_offset[..., :, None] == got.kv_offset[..., None, :])[same_row].all()
     assert (got.kv_aligned, got.kv_reach) == (want.kv_aligned, want.kv_reach)
     assert torch.equal(P.block_density(row_keep, ql, kl, rows=rows), P.block_density(expanded & (ql > 0)[..., None], ql, kl))
     with pytest.raises(ValueError, match="rows must index"):
@@ -247,17 +255,24 @@ def test_layout_token_mask():
 def test_block_layout_validation():
     lay = _hand_layout()
     fields = dict(q_start=lay.q_start, q_len=lay.q_len, k_start=lay.k_start, k_len=lay.k_len,
-                  kv_index=lay.kv_index, kv_count=lay.kv_count, block_m=16, block_n=16)
+                  kv_index=lay.padded_lists(), kv_count=lay.kv_count, block_m=16, block_n=16)
     # other integer dtypes are converted to int32
     lay64 = BlockLayout(**{**fields, "q_start": lay.q_start.long()})
     assert lay64.q_start.dtype == torch.int32
+    # the padded form is stored packed: row i's list at i · MAXK
+    assert lay64.kv_index.dim() == 1 and lay64.kv_offset.tolist() == [[[0, 2, 4]]]
+    assert torch.equal(lay64.padded_lists(), lay.padded_lists()) and torch.equal(lay64.keep_matrix(), lay.keep_matrix())
     assert torch.equal(lay.to("cpu").kv_index, lay.kv_index)
     with pytest.raises(TypeError, match="integer"):
         BlockLayout(**{**fields, "q_len": lay.q_len.float()})
     with pytest.raises(ValueError, match="k_len has shape"):
         BlockLayout(**{**fields, "k_len": lay.k_len[..., :2]})
     with pytest.raises(ValueError, match="kv_index"):
-        BlockLayout(**{**fields, "kv_index": lay.kv_index[:, :, :2]})
+        BlockLayout(**{**fields, "kv_index": fields["kv_index"][:, :, :2]})
+    with pytest.raises(ValueError, match="kv_index must be 1-D"):
+        BlockLayout(**{**fields, "kv_offset": lay.kv_offset})
+    with pytest.raises(ValueError, match="kv_offset has shape"):
+        BlockLayout(**{**fields, "kv_index": lay.kv_index, "kv_offset": lay.kv_offset[..., :2]})
     with pytest.raises(ValueError, match="3-D"):
         BlockLayout(**{**fields, "kv_count": lay.kv_count[0]})
     with pytest.raises(ValueError, match="block_n"):
@@ -479,7 +494,8 @@ def test_unmasked_kv_tiles_over_a_zeroed_tail_equal_masked_tiles(aligned):
     assert kv_aligned == aligned
     _, bn = block_sparse_attn.tile_sizes(lay.block_m, lay.block_n)
     geometry = dict(q_start=lay.q_start, q_len=lay.q_len, k_start=lay.k_start, k_len=lay.k_len,
-                    kv_index=lay.kv_index, kv_count=lay.kv_count, block_m=lay.block_m, block_n=lay.block_n)
+                    kv_index=lay.kv_index, kv_offset=lay.kv_offset, kv_count=lay.kv_count, block_m=lay.block_m,
+                    block_n=lay.block_n)
     outs = []
     for tail in (0, bn):
         qkv = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=perm, kv_gather=perm, need_lse=True,
@@ -593,8 +609,8 @@ def test_static_cluster_blocks_are_the_data_cut_padded(align, offset):
 
 
 def test_block_mask_to_layout_with_stated_geometry_is_the_same_mask():
-    """``block_mask_to_layout(kv_geometry=...)`` (static: lists NK long, no sync) gives the token mask and the
-    counts of the measured form, and carries the stated geometry."""
+    """``block_mask_to_layout(kv_geometry=...)`` (static: NK slots per list, no sync) gives the token mask and
+    the counts of the measured form, and carries the stated geometry."""
     b, h, sq, skv = 2, 3, 90, 130
     qs, ql, _ = cluster_blocks(_random_sizes(b, h, sq, 5, 91), 16)
     ks, kl, _ = cluster_blocks(_random_sizes(b, h, skv, 6, 92), 32, align=16)
@@ -602,7 +618,8 @@ def test_block_mask_to_layout_with_stated_geometry_is_the_same_mask():
     keep = torch.rand(b, h, qs.shape[-1], ks.shape[-1], generator=g) < 0.4
     dyn = block_mask_to_layout(qs, ql, ks, kl, keep, 16, 32)
     fixed = block_mask_to_layout(qs, ql, ks, kl, keep, 16, 32, kv_geometry=(False, 32))
-    assert fixed.kv_index.shape[-1] == ks.shape[-1] and dyn.kv_index.shape[-1] <= ks.shape[-1]
+    assert fixed.kv_index.numel() == b * h * qs.shape[-1] * ks.shape[-1] and dyn.kv_index.numel() == int(
+        (keep & (ql > 0)[..., None] & (kl > 0)[..., None, :]).sum())
     assert torch.equal(fixed.kv_count, dyn.kv_count)
     assert torch.equal(layout_token_mask(fixed, sq, skv), layout_token_mask(dyn, sq, skv))
     assert fixed.kv_geometry() == (False, 32) and dyn.kv_geometry()[1] <= 32
@@ -634,7 +651,8 @@ def test_aligned_window_reads_unaligned_kv_blocks_exactly(block_n):
     qkv = quantize.quantize_qkv(q, k, v, precision="int8-fp8", q_gather=dqp, kv_gather=dkp, need_lse=True,
                                 kv_tail=wide)
     geometry = dict(q_start=lay.q_start, q_len=lay.q_len, k_start=lay.k_start, k_len=lay.k_len,
-                    kv_index=lay.kv_index, kv_count=lay.kv_count, block_m=lay.block_m, block_n=lay.block_n)
+                    kv_index=lay.kv_index, kv_offset=lay.kv_offset, kv_count=lay.kv_count, block_m=lay.block_m,
+                    block_n=lay.block_n)
     outs = []
     for use in (False, True):
         out = torch.zeros_like(q)

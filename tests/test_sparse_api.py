@@ -119,8 +119,9 @@ def test_temporal_heads_permute_and_return_rows_in_original_order():
 
 @pytest.mark.parametrize("classes", [[[1, 2, 0], [2, 1, 1]], [[1, 1, 1], [1, 1, 1]], [[0, 0, 2], [0, 2, 2]]])
 def test_spatiotemporal_plan_equals_the_keep_map_construction(classes):
-    """The plan gathers per-class block lists built once; it must be the layout that compacting each head's
-    keep map gives (same lists in the same order, same width), the same permutations and densities."""
+    """The plan points each head at per-class block lists built once; it must be the layout that compacting
+    each head's keep map gives (same lists in the same order), the same permutations and densities, and hold
+    each class's lists once however many heads use them."""
     from sagevideo.sparse.blocks import block_mask_to_layout
 
     grid, n_text = (4, 3, 5), 6
@@ -133,8 +134,12 @@ def test_spatiotemporal_plan_equals_the_keep_map_construction(classes):
     b, h = cls.shape
     exp = lambda x: x.to(torch.int32)[None, None].expand(b, h, -1).contiguous()  # noqa: E731
     want = block_mask_to_layout(exp(maps.q_start), exp(maps.q_len), exp(maps.k_start), exp(maps.k_len), keep, 8, 4)
-    for name in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
+    for name in ("q_start", "q_len", "k_start", "k_len", "kv_count"):
         assert torch.equal(getattr(p.layout, name), getattr(want, name)), name
+    assert torch.equal(p.layout.padded_lists(), want.padded_lists())
+    one_each = [P.plan_spatiotemporal(torch.tensor([[c]]), layout, density=0.3, block_m=8, block_n=4).layout
+                for c in range(3)]
+    assert p.layout.kv_index.numel() == sum(int(lay.kv_count.sum()) for lay in one_each)
     # the plan's own alignment figures, from its host sync, equal the ones computed from the data
     assert p.layout.kv_aligned is want.kv_aligned is False and p.layout.kv_reach == want.kv_reach
     wide = P.plan_spatiotemporal(cls, layout, density=0.3, block_m=16, block_n=16).layout
@@ -310,22 +315,21 @@ def test_default_cluster_counts_follow_the_video_length():
     assert st.q_centroids.shape[1] == want_q and st.k_centroids.shape[1] == min(want_k, 256)
 
 
-def test_default_replan_interval_reuses_plans_on_small_videos_only():
-    from sagevideo.sparse.api import GRAPH_MAX_ROWS, SMALL_REPLAN_EVERY, default_replan_every
+def test_default_replan_interval_reuses_plans():
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
 
-    assert SMALL_REPLAN_EVERY > 1
-    assert default_replan_every(GRAPH_MAX_ROWS) == SMALL_REPLAN_EVERY and default_replan_every(GRAPH_MAX_ROWS + 1) == 1
+    assert DEFAULT_REPLAN_EVERY > 1
     grid = (2, 3, 4)
     q, k, v = _rand(1, 2, 24, seed=6)
     st = SparseState()
     for step in range(7):
         sparse_attention(q, k, v, grid=grid, method="semantic", q_clusters=3, k_clusters=5, precision="dense",
                          state=st, step=step, **SMALL)
-    assert st.calls == 7 and st.clusterings == -(-7 // SMALL_REPLAN_EVERY)
+    assert st.calls == 7 and st.clusterings == -(-7 // DEFAULT_REPLAN_EVERY)
     st = SparseState()  # the same for spatiotemporal profiling
     for step in range(7):
         sparse_attention(q, k, v, grid=grid, precision="dense", state=st, step=step, **SMALL)
-    assert st.calls == 7 and st.profiles == -(-7 // SMALL_REPLAN_EVERY)
+    assert st.calls == 7 and st.profiles == -(-7 // DEFAULT_REPLAN_EVERY)
 
 
 def test_profile_every_reuses_head_classes():

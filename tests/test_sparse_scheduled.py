@@ -143,10 +143,10 @@ def test_wan_sparse_schedule_with_warmup_changes_only_later_steps():
     assert sorted(rep["layers"]) == sorted(f"sparse-semantic/{k[1]}/{k[2]}" for k in states)
 
 
-def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
-    """``kmeans_every`` None: a video this small re-clusters every 3 steps (cond and uncond of a step share the
+def test_default_semantic_schedule_replans_every_third_step():
+    """``kmeans_every`` None: the schedule re-clusters every 3 steps (cond and uncond of a step share the
     plan), and the plans stay in the states between calls, since the next calls reuse them."""
-    from sagevideo.sparse.api import SMALL_REPLAN_EVERY
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
 
     assert methods.get("sparse-semantic").params["kmeans_every"] is None
     pipe = tp.wan_pipeline()
@@ -159,7 +159,7 @@ def test_default_semantic_schedule_replans_every_third_step_on_small_videos():
     assert sparse_steps > 1 and len(states) == tp.LAYERS
     for state in states.values():
         assert state.calls == 2 * sparse_steps
-        assert state.clusterings == -(-sparse_steps // SMALL_REPLAN_EVERY)
+        assert state.clusterings == -(-sparse_steps // DEFAULT_REPLAN_EVERY)
         assert state.plan is not None  # held for the calls that reuse it
 
 
@@ -168,13 +168,13 @@ def test_unknown_step_replans_every_call_by_default(name, counter):
     """Without a step (no scheduler, no ``set_step``) a call cannot tell the next step of a video from the first
     step of the next video, so the default interval re-plans every call; with known steps it reuses plans."""
     from sagevideo.context import AttentionContext, TokenLayout
-    from sagevideo.sparse.api import SMALL_REPLAN_EVERY
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 48, 16, generator=g) for _ in range(3))
     small = {"q_clusters": 3, "k_clusters": 5} if name == "sparse-semantic" else {}
     params = methods.validate_params(name, {"precision": "dense", "block_m": 16, "block_n": 16, **small})
-    for steps, want in (([None] * 6, 6), (list(range(6)), -(-6 // SMALL_REPLAN_EVERY))):
+    for steps, want in (([None] * 6, 6), (list(range(6)), -(-6 // DEFAULT_REPLAN_EVERY))):
         store = {}
         for step in steps:
             ctx = AttentionContext(step=step, num_steps=None if step is None else 6, layer=0, num_layers=1,

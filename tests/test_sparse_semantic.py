@@ -165,7 +165,7 @@ def _warm_plans(static, text_first, seed=7, **extra):
 
 @pytest.mark.parametrize("text_first", [None, True, False])
 def test_static_plan_is_the_same_plan(text_first):
-    """``static=True`` (block counts from the bound, lists NK long, no host sync until the end) computes the
+    """``static=True`` (block counts from the bound, NK slots per list, no host sync until the end) computes the
     plan of the default form: same permutations, centroids, cluster pairs, token mask, per-head density; only
     the padding of its layout differs."""
     dyn, layout, s, _ = _warm_plans(False, text_first)
@@ -175,7 +175,11 @@ def test_static_plan_is_the_same_plan(text_first):
     assert torch.equal(dyn.q_perm, sta.q_perm) and torch.equal(dyn.kv_perm, sta.kv_perm)
     assert torch.equal(layout_token_mask(dyn.layout, s, s), layout_token_mask(sta.layout, s, s))
     assert dyn.density == sta.density and dyn.dense_heads == sta.dense_heads
-    assert sta.layout.num_kv_blocks >= dyn.layout.num_kv_blocks and sta.layout.kv_index.shape[-1] == sta.layout.num_kv_blocks
+    # static: NK slots for the list of every mask row (the query clusters and the text row); default: packed
+    lay = sta.layout
+    rows = lay.batch * lay.heads * (sta.info["q_sizes"].shape[-1] + 1)
+    assert lay.num_kv_blocks >= dyn.layout.num_kv_blocks and lay.kv_index.numel() == rows * lay.num_kv_blocks
+    assert dyn.layout.kv_index.numel() < lay.kv_index.numel()
     assert sta.layout.kv_geometry() == (False, 16) and dyn.layout.kv_geometry()[1] <= 16
 
 
@@ -201,7 +205,7 @@ def test_static_plan_needs_no_data_from_the_device():
                                           generator=None, static=static, **settings)
             if static:
                 out = run()
-                assert out["layout"].kv_index.shape[-1] == out["layout"].num_kv_blocks
+                assert out["layout"].kv_index.numel() == 2 * 4 * (7 + 1) * out["layout"].num_kv_blocks
             else:
                 with pytest.raises(Exception, match="DataDependent|data-dependent|_local_scalar_dense"):
                     run()
@@ -246,7 +250,7 @@ def test_graphed_plan_replays_the_eager_plan(text_first, monkeypatch):
         for name in ("q_centroids", "k_centroids", "cluster_keep", "density_per_head"):
             assert torch.equal(eager.info[name], graphed.info[name]), (step, name)
         assert torch.equal(eager.q_perm, graphed.q_perm) and torch.equal(eager.kv_perm, graphed.kv_perm)
-        for f in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count"):
+        for f in ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_offset", "kv_count"):
             assert torch.equal(getattr(eager.layout, f), getattr(graphed.layout, f)), (step, f)
         init = dict(q_init=graphed.info["q_centroids"], k_init=graphed.info["k_centroids"])
     assert PLAN_GRAPHS.captures == captures + 1

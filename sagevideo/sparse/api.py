@@ -155,34 +155,29 @@ class SparseState:
 #: (~3·10⁶ rows) it is bound by the GPU (14.9 against 15.5 ms at Wan2.1-14B) and a graph would only hold its
 #: input copies and memory pool (about 2 GB there). H100, 2026-11-24, benchmarks/RESULTS.md.
 GRAPH_MAX_ROWS = 1 << 21
-#: plans are rebuilt every this many steps when ``kmeans_every`` / ``profile_every`` is None and the video has
-#: at most :data:`GRAPH_MAX_ROWS` rows over (batch, head); above that, every step
-SMALL_REPLAN_EVERY = 3
-
-
-def default_replan_every(rows: int) -> int:
-    """How often a plan is rebuilt when ``kmeans_every`` (semantic) or ``profile_every`` (spatiotemporal) is
-    None, from the video rows over (batch, head): every :data:`SMALL_REPLAN_EVERY` steps up to
-    :data:`GRAPH_MAX_ROWS`, every step above.
-
-    Reusing a plan skips its whole cost, but a state then holds every layer's plan between calls. Measured on
-    an H100 (2026-11-24, ``int8-fp8``, consecutive-step inputs with locality; whole call, mean over the
-    re-planning cycle, × SDPA-cuDNN; one layer's plan held):
-
-    - semantic, Wan2.1-1.3B 480p (393 k rows): 1.53× every step, 1.64× every 2, 2.18× every 3; 39 MiB (1.1 GiB
-      over 30 layers). CogVideoX-5B (842 k rows): 1.30×, 1.77×, 1.97×; 51 MiB (2.1 GiB over 42 layers).
-    - semantic, Wan2.1-14B 720p (3.0 M rows): 3.03×, 3.41×, 3.55×; 249 MiB (9.7 GiB over 40 layers).
-      HunyuanVideo 720p: 3.41×, 3.79×, 3.92×; 319 MiB (18.7 GiB over 60 blocks). So every step by default there.
-    - spatiotemporal with every head spatial or temporal (profiling tolerance lifted): Wan2.1-1.3B 1.77× every
-      step, 2.65× every 3 (4 MiB a layer); CogVideoX-5B 1.15×, 1.38×. A whole Wan2.1-1.3B forward
-      (``benchmarks/pipeline.py``, random weights, every head spatial): 1.28× SDPA, 1.49× every 3.
-
-    Fidelity: the semantic rows' sampled cosine against dense attention moved by at most 0.0008 with the
-    interval on those inputs. On the bundled model (CPU ``sagevideo compare``) reuse did not lower the PSNR
-    against dense: semantic 39.28 / 39.79 / 39.76 dB every 1 / 2 / 5 steps, spatiotemporal 39.66 / 38.97 /
-    40.44 / 40.54 dB every 1 / 2 / 3 / 5. Sparse VideoGen and Sparse VideoGen 2 re-plan every step.
-    """
-    return SMALL_REPLAN_EVERY if int(rows) <= GRAPH_MAX_ROWS else 1
+#: How often a plan is rebuilt when ``kmeans_every`` (semantic) or ``profile_every`` (spatiotemporal) is None:
+#: every 3 steps, the calls in between reusing it.
+#:
+#: Reusing a plan skips its whole cost; a state then holds every layer's plan between calls (its centroids are
+#: held in any case, for the warm start). Measured on an H100 (2026-11-24, ``int8-fp8``, consecutive-step inputs
+#: with locality; whole call, mean over the re-planning cycle, × SDPA-cuDNN; ``benchmarks/sparse_settings.py``):
+#:
+#: - semantic, Wan2.1-1.3B 480p: 1.53× every step, 1.64× every 2, 2.18× every 3. CogVideoX-5B: 1.30×, 1.77×,
+#:   1.97×. Wan2.1-14B 720p: 2.95×, 3.41×, 3.56×. HunyuanVideo 720p: 3.45×, 3.79×, 3.91×.
+#: - memory one layer's plan holds beyond its centroids (packed block lists, int32 permutations): 18 MiB at
+#:   Wan2.1-1.3B (0.5 GiB over 30 layers), 24 MiB at CogVideoX-5B (1.0 GiB over 42), 44 MiB at Wan2.1-14B
+#:   (1.7 GiB over 40), 37 MiB at HunyuanVideo (2.2 GiB over 60 blocks). Before the lists were packed, a held
+#:   720p plan took 249 / 319 MiB, and reuse was the default only on small videos.
+#: - spatiotemporal with every head spatial or temporal (profiling tolerance lifted): Wan2.1-1.3B 1.77× every
+#:   step, 2.65× every 3; CogVideoX-5B 1.15×, 1.38×. A whole Wan2.1-1.3B forward (``benchmarks/pipeline.py``,
+#:   random weights, every head spatial): 1.28× SDPA, 1.49× every 3.
+#:
+#: Fidelity: the semantic rows' sampled cosine against dense attention moved by at most 0.0008 with the interval
+#: on those inputs. On the bundled model (CPU ``sagevideo compare``) reuse did not lower the PSNR against dense:
+#: semantic 39.28 / 39.79 / 39.76 dB every 1 / 2 / 5 steps, spatiotemporal 39.66 / 38.97 / 40.44 / 40.54 dB every
+#: 1 / 2 / 3 / 5. Sparse VideoGen and Sparse VideoGen 2 re-plan every step. Where memory is tight, pass an
+#: interval of 1 (nothing is held but the centroids) or call :meth:`SparseState.drop_plans` between videos.
+DEFAULT_REPLAN_EVERY = 3
 
 
 def _graph_plan(plan_graph, rows: int) -> bool:
@@ -285,9 +280,8 @@ def plan_sparse(
                 isinstance(val, bool) or not isinstance(val, (int, float)) or val != int(val) or val < 1):
             raise ValueError(f"sparse_attention: {name} must be an int ≥ 1"
                              f"{' (or None for the default)' if every else ''}, got {val!r}")
-    replan = default_replan_every(b * hq * tl.video_len)
-    profile_every = replan if profile_every is None else int(profile_every)
-    kmeans_every = replan if kmeans_every is None else int(kmeans_every)
+    profile_every = DEFAULT_REPLAN_EVERY if profile_every is None else int(profile_every)
+    kmeans_every = DEFAULT_REPLAN_EVERY if kmeans_every is None else int(kmeans_every)
     # one slot per input signature and per setting that changes what is cached (window sizes, centroid shapes)
     key = (method, b, hq, hk, q.shape[-1], tuple(tl.grid), tl.text_start, tl.text_len, str(q.device), block_m, block_n)
     key += (float(density),) if method == "spatiotemporal" else (int(q_clusters), int(k_clusters))
@@ -417,9 +411,9 @@ def sparse_attention(
         profile_samples, tolerance: spatiotemporal profiling rows (64, SVG1) and the relative-error limit
             above which a head stays dense (0.5, ours).
         profile_every, kmeans_every: with a ``state``, re-profile / re-cluster only every that many steps (1 =
-            every call); in between, the previous plan is reused. None (the default): every 3 steps where the
-            video has at most :data:`GRAPH_MAX_ROWS` rows over (batch, head), every step above, where held
-            semantic plans would take gigabytes (:func:`default_replan_every`).
+            every call); in between, the previous plan is reused. None (the default): every 3 steps
+            (:data:`DEFAULT_REPLAN_EVERY`; a held plan takes 18-44 MiB a layer at the Wan and HunyuanVideo
+            shapes beyond its centroids).
         precision: ``"auto"``, ``"int8-fp8"``, ``"int8-fp16"`` or ``"dense"`` (kernel arithmetic).
         layout: ``"BHSD"`` or ``"BSHD"`` (of q, k, v and of the output).
         scale: softmax scale, ``1/sqrt(D)`` when None.

@@ -37,8 +37,10 @@ PRECISIONS = ops.PRECISIONS
 MAX_HEAD_DIM = ops.MAX_KERNEL_HEAD_DIM
 #: The largest query block (``block_m``) the kernel takes; kept equal to kernels/block_sparse_attn.MAX_BLOCK_M.
 MAX_BLOCK_M = 256
-_LAYOUT_FIELDS = ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count")
+_LAYOUT_FIELDS = ("q_start", "q_len", "k_start", "k_len", "kv_index", "kv_count", "kv_offset")
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+#: int32 offsets address the block lists: at most this many entries in all
+MAX_LIST_ENTRIES = (1 << 31) - 1
 
 
 def _is_int(t: torch.Tensor) -> bool:
@@ -59,9 +61,14 @@ class BlockLayout:
     * ``q_start``, ``q_len`` ``(B, H, NQ)``: first row and number of rows (``0..block_m``; 0 = an unused
       padding slot) of each query block, in the permuted sequence;
     * ``k_start``, ``k_len`` ``(B, H, NK)``: the same for KV blocks (lengths ``0..block_n``);
-    * ``kv_index`` ``(B, H, NQ, MAXK)``: ids (``0..NK-1``) of the KV blocks each query block attends to; only
-      the first ``kv_count`` entries of a row count, the rest are ignored;
-    * ``kv_count`` ``(B, H, NQ)``;
+    * ``kv_index``, ``kv_offset``, ``kv_count``: the KV blocks each query block attends to, as compressed
+      rows: query block ``(b, h, i)`` attends to the ids (``0..NK-1``) ``kv_index[o : o + n]`` with
+      ``o = kv_offset[b, h, i]`` and ``n = kv_count[b, h, i]``. ``kv_index`` is 1-D; ``kv_offset`` and
+      ``kv_count`` are ``(B, H, NQ)``. Query blocks may share a list (semantic plans: every block of a query
+      cluster points at its cluster's list), so the lists take the kept pairs' memory, not ``NQ × max kept``.
+      A padded ``kv_index`` ``(B, H, NQ, MAXK)`` (each row's list in its first ``kv_count`` entries) is also
+      accepted when ``kv_offset`` is None: it is stored flattened, with ``kv_offset = i · MAXK``;
+      :meth:`padded_lists` gives that form back;
     * ``block_m``, ``block_n``: the largest query / KV block;
     * ``kv_aligned``, ``kv_reach``: whether every KV block of nonzero length starts at a multiple of 16 keys,
       and the largest ``k_start % 16 + k_len`` over them (how far each block reaches from the multiple of 16
@@ -71,8 +78,8 @@ class BlockLayout:
       needed (one host sync) and kept; the builders of this package pass the values they computed in the host
       sync they make anyway. Wrong values are caught by ``block_sparse_attention(check_layout=True)``.
 
-    Query blocks of one (batch, head) must not overlap, nor KV blocks, and a row of ``kv_index`` must not list
-    a block twice; :func:`block_sparse_attention` checks that (and the ranges) against the sequence lengths.
+    Query blocks of one (batch, head) must not overlap, nor KV blocks, and a list must not name a block
+    twice; :func:`block_sparse_attention` checks that (and the ranges) against the sequence lengths.
     Rows in no query block get output 0 (LSE −inf), like rows whose keys are all masked.
     """
 
@@ -86,17 +93,23 @@ class BlockLayout:
     block_n: int
     kv_aligned: bool | None = None
     kv_reach: int | None = None
+    kv_offset: torch.Tensor | None = None
 
     def __post_init__(self):
         for name in _LAYOUT_FIELDS:
             t = getattr(self, name)
+            if name == "kv_offset" and t is None:
+                continue
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"BlockLayout.{name} must be a torch.Tensor, got {type(t).__name__}")
             if not _is_int(t):
                 raise TypeError(f"BlockLayout.{name} must be an integer tensor (int32), got {t.dtype}")
-            want = 4 if name == "kv_index" else 3
+            if name == "kv_index":
+                want, dims = (4, "(B, H, NQ, MAXK) when kv_offset is None") if self.kv_offset is None else \
+                    (1, "(L,) with kv_offset")
+            else:
+                want, dims = 3, "(B, H, N)"
             if t.dim() != want:
-                dims = "(B, H, NQ, MAXK)" if want == 4 else "(B, H, N)"
                 raise ValueError(f"BlockLayout.{name} must be {want}-D {dims}, got shape {tuple(t.shape)}")
             if t.dtype != torch.int32 or not t.is_contiguous():
                 object.__setattr__(self, name, t.to(torch.int32).contiguous())
@@ -110,16 +123,31 @@ class BlockLayout:
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
                 raise ValueError(f"BlockLayout.{name} must be a positive int, got {val!r}")
-        devs = {getattr(self, n).device for n in _LAYOUT_FIELDS}
+        devs = {getattr(self, n).device for n in _LAYOUT_FIELDS if getattr(self, n) is not None}
         if len(devs) > 1:
             raise ValueError(f"BlockLayout tensors are on different devices: {sorted(map(str, devs))}")
         bh = tuple(self.q_start.shape[:2])
         nq, nk = self.q_start.shape[2], self.k_start.shape[2]
+        if self.kv_offset is None:  # the padded form: stored flattened, row i's list at i · MAXK
+            if tuple(self.kv_index.shape[:3]) != (*bh, nq):
+                raise ValueError(
+                    f"BlockLayout.kv_index has shape {tuple(self.kv_index.shape)}, expected {(*bh, nq)} + (MAXK,)"
+                )
+            maxk = self.kv_index.shape[3]
+            if self.kv_index.numel() > MAX_LIST_ENTRIES:
+                raise ValueError(f"BlockLayout: {self.kv_index.numel()} list entries do not fit int32 offsets")
+            offset = (torch.arange(bh[0] * bh[1] * nq, device=self.kv_index.device) * maxk).to(torch.int32)
+            offset = offset.view(*bh, nq)
+            object.__setattr__(self, "kv_offset", offset)
+            object.__setattr__(self, "kv_index", self.kv_index.reshape(-1))
+        elif self.kv_index.numel() > MAX_LIST_ENTRIES:
+            raise ValueError(f"BlockLayout: {self.kv_index.numel()} list entries do not fit int32 offsets")
         expect = {
             "q_len": (*bh, nq),
             "k_start": (*bh, nk),
             "k_len": (*bh, nk),
             "kv_count": (*bh, nq),
+            "kv_offset": (*bh, nq),
         }
         for name, shape in expect.items():
             if tuple(getattr(self, name).shape) != shape:
@@ -127,10 +155,6 @@ class BlockLayout:
                     f"BlockLayout.{name} has shape {tuple(getattr(self, name).shape)}, expected {shape} "
                     f"(q_start is {tuple(self.q_start.shape)}, k_start {tuple(self.k_start.shape)})"
                 )
-        if tuple(self.kv_index.shape[:3]) != (*bh, nq):
-            raise ValueError(
-                f"BlockLayout.kv_index has shape {tuple(self.kv_index.shape)}, expected {(*bh, nq)} + (MAXK,)"
-            )
 
     # -- shape ---------------------------------------------------------------------------------------------
     @property
@@ -155,10 +179,8 @@ class BlockLayout:
 
     def to(self, device) -> "BlockLayout":
         """The same layout on ``device``."""
-        return BlockLayout(
-            *(getattr(self, n).to(device) for n in _LAYOUT_FIELDS), block_m=self.block_m, block_n=self.block_n,
-            kv_aligned=self.kv_aligned, kv_reach=self.kv_reach,
-        )
+        return BlockLayout(**{n: getattr(self, n).to(device) for n in _LAYOUT_FIELDS}, block_m=self.block_m,
+                           block_n=self.block_n, kv_aligned=self.kv_aligned, kv_reach=self.kv_reach)
 
     def kv_geometry(self) -> tuple[bool, int]:
         """``(kv_aligned, kv_reach)``, computed (one host sync) and kept when the layout was built without them."""
@@ -167,6 +189,14 @@ class BlockLayout:
             object.__setattr__(self, "kv_aligned", bool(aligned))
             object.__setattr__(self, "kv_reach", int(reach))
         return self.kv_aligned, self.kv_reach
+
+    def padded_lists(self, width: int | None = None) -> torch.Tensor:
+        """The block lists padded to ``(B, H, NQ, width)`` int32: row ``i`` holds its ``kv_count`` ids first,
+        then zeros. ``width`` defaults to the longest list (one host sync); lists longer than ``width`` are cut.
+        For references, tests and checks: it takes ``NQ × width`` entries where the layout takes the kept ones."""
+        if width is None:
+            width = int(self.kv_count.max()) if self.kv_count.numel() else 0
+        return _padded_lists(self, max(1, int(width)))
 
     def keep_matrix(self) -> torch.Tensor:
         """The block-level mask, bool ``(B, H, NQ, NK)`` (small: one entry per block pair)."""
@@ -199,11 +229,23 @@ def _kv_geometry(k_start: torch.Tensor, k_len: torch.Tensor) -> torch.Tensor:
     return torch.stack([aligned.long(), reach])
 
 
+def _padded_lists(layout: BlockLayout, width: int) -> torch.Tensor:
+    """``(B, H, NQ, width)`` int32: the first ``min(kv_count, width)`` ids of each list, zeros after (entries
+    whose address falls outside ``kv_index`` read as −1)."""
+    total = layout.kv_index.numel()
+    pos = layout.kv_offset.long()[..., None] + torch.arange(width, device=layout.device)
+    live = (torch.arange(width, device=layout.device) < layout.kv_count[..., None])
+    inside = (pos >= 0) & (pos < total)
+    got = layout.kv_index[pos.clamp(0, max(total - 1, 0))] if total else torch.zeros_like(pos, dtype=torch.int32)
+    return torch.where(live, torch.where(inside, got, -1), 0).to(torch.int32)
+
+
 def _keep_matrix(layout: BlockLayout) -> torch.Tensor:
-    b, h, nq, maxk = layout.kv_index.shape
+    index = layout.padded_lists()
+    b, h, nq, maxk = index.shape
     nk = layout.num_kv_blocks
     live = torch.arange(maxk, device=layout.device) < layout.kv_count[..., None]
-    idx = torch.where(live & (layout.kv_index >= 0) & (layout.kv_index < nk), layout.kv_index, nk).long()
+    idx = torch.where(live & (index >= 0) & (index < nk), index, nk).long()
     keep = torch.zeros((b, h, nq, nk + 1), dtype=torch.bool, device=layout.device)
     keep.scatter_(3, idx, True)
     return keep[..., :nk]
@@ -332,18 +374,20 @@ def block_mask_to_layout(
 ) -> BlockLayout:
     """A :class:`BlockLayout` from a block-level mask ``block_keep`` (bool ``(B, H, NQ, NK)``).
 
-    ``kv_index`` lists the kept KV blocks of each query block in increasing id order, ``MAXK`` is the largest
-    count (at least 1) and unused entries are 0. Pairs involving a padding slot (length 0) are dropped, so
-    padding query blocks get ``kv_count`` 0.
+    Each list holds the kept KV blocks of its row in increasing id order, and the lists are packed one after
+    the other (``kv_index``, ``kv_offset``): they take the kept pairs' memory. Pairs involving a padding slot
+    (length 0) are dropped, so padding query blocks get ``kv_count`` 0.
 
     ``rows`` (integer ``(B, H, NQ)``), when given, says that many query blocks share a mask row: ``block_keep``
     is then ``(B, H, R, NK)`` and query block ``i`` keeps ``block_keep[..., rows[..., i], :]`` (semantic plans:
-    every query block of one cluster keeps the same KV blocks). The lists are built once per row, so the work
-    scales with ``R`` instead of ``NQ``; the layout is the one the expanded mask would give.
+    every query block of one cluster keeps the same KV blocks). One list is built per row and shared by its
+    query blocks, so the work and the memory scale with ``R`` instead of ``NQ``; the attention is the one the
+    expanded mask would give.
 
     ``kv_geometry`` (``(kv_aligned, kv_reach)``, known to the caller from how it cut the KV blocks), when given,
-    builds the layout without a host sync and with static shapes (e.g. under CUDA graph capture): ``MAXK`` is
-    then ``NK`` and ``rows`` is trusted to index ``block_keep``'s rows.
+    builds the layout without a host sync and with static shapes (e.g. under CUDA graph capture): every row's
+    list then gets ``NK`` slots (``kv_index`` is ``B·H·R·NK`` long) and ``rows`` is trusted to index
+    ``block_keep``'s rows.
     """
     if not isinstance(block_keep, torch.Tensor) or block_keep.dtype != torch.bool:
         raise TypeError("block_mask_to_layout: block_keep must be a bool tensor (B, H, NQ, NK), True = attend")
@@ -361,11 +405,14 @@ def block_mask_to_layout(
             f"{want}, got {tuple(block_keep.shape)}"
         )
     dev = q_start.device
-    keep = block_keep.to(dev) & (k_len > 0)[..., None, :]
-    row_count = keep.sum(-1)  # (B, H, R)
-    q_live = q_len > 0
+    b, h = q_start.shape[:2]
+    q_live = q_len.to(dev) > 0
+    keep = block_keep.to(dev) & (k_len.to(dev) > 0)[..., None, :]
     if rows is None:
-        count = torch.where(q_live, row_count, 0)
+        keep = keep & q_live[..., None]  # padding query slots keep nothing (and their lists take no room)
+    row_count = keep.sum(-1, dtype=torch.int32)  # (B, H, R)
+    if rows is None:
+        count = row_count
     else:
         if nr == 0 and nq:
             raise ValueError("block_mask_to_layout: rows given but block_keep has no rows")
@@ -375,25 +422,33 @@ def block_mask_to_layout(
         count = torch.where(q_live, row_count.gather(2, rows), 0)
     if kv_geometry is not None:
         aligned, reach = kv_geometry
-        maxk = max(1, nk)
+        # every row's list gets NK slots: static shapes, no sync
+        row_offset = torch.arange(b * h * nr, device=dev, dtype=torch.int64).view(b, h, nr) * nk
+        total = b * h * nr * nk
     else:
-        # one host sync: the longest list, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
-        most, aligned, reach, *bad = torch.cat([(count.max() if count.numel() else count.new_zeros(())).reshape(1),
-                                                _kv_geometry(k_start.to(dev), k_len.to(dev)),
-                                                *([bad] if rows is not None else [])]).tolist()
+        # one host sync: the lists' total length, and the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach)
+        row_offset = row_count.reshape(-1).cumsum(0, dtype=torch.int64).view(b, h, nr) - row_count
+        total, aligned, reach, *bad = torch.cat([row_count.sum(dtype=torch.int64).reshape(1),
+                                                 _kv_geometry(k_start.to(dev), k_len.to(dev)),
+                                                 *([bad] if rows is not None else [])]).tolist()
         if bad and bad[0]:
             raise ValueError(f"block_mask_to_layout: rows must index the {nr} rows of block_keep")
-        maxk = max(1, most)
-    # int32 ids before the gather to query blocks (half the bytes of the sort's int64 indices)
-    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :maxk].to(torch.int32)
-    if order.shape[-1] < maxk:  # NK = 0
-        order = torch.zeros((*keep.shape[:3], maxk), dtype=torch.int32, device=dev)
-    if rows is not None:
-        order = order.gather(2, rows[..., None].expand(*rows.shape, maxk))
-    live = torch.arange(maxk, device=dev) < count[..., None]
-    index = torch.where(live, order, 0)
-    return BlockLayout(q_start, q_len, k_start, k_len, index.to(torch.int32), count.to(torch.int32), block_m, block_n,
-                       kv_aligned=bool(aligned), kv_reach=int(reach))
+    if total > MAX_LIST_ENTRIES:
+        raise ValueError(f"block_mask_to_layout: {total} list entries do not fit int32 offsets; use larger blocks")
+    if kv_geometry is not None:
+        # the j-th kept id of a row is where the row's running count of kept blocks first reaches j + 1
+        running = keep.cumsum(-1, dtype=torch.int32)
+        wanted = torch.arange(1, nk + 1, device=dev, dtype=torch.int32).expand(keep.shape).contiguous()
+        pos = torch.searchsorted(running, wanted, out_int32=True)
+        index = torch.where(pos < nk, pos, 0).reshape(-1)
+    else:
+        # the same over the rows laid end to end: the e-th kept pair is where the running count reaches e + 1
+        running = keep.reshape(-1).cumsum(0, dtype=torch.int32)
+        wanted = torch.arange(1, total + 1, device=dev, dtype=torch.int32)
+        index = (torch.searchsorted(running, wanted) % max(nk, 1)).to(torch.int32)
+    offset = row_offset if rows is None else row_offset.gather(2, rows)
+    return BlockLayout(q_start, q_len, k_start, k_len, index, count.to(torch.int32), block_m, block_n,
+                       kv_aligned=bool(aligned), kv_reach=int(reach), kv_offset=offset.to(torch.int32))
 
 
 def _row_to_block(start: torch.Tensor, length: torch.Tensor, block: int, seq: int) -> torch.Tensor:
@@ -557,15 +612,21 @@ def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: 
 
     cover_q = blocks(layout.q_start, layout.q_len, layout.block_m, sq, "query")
     blocks(layout.k_start, layout.k_len, layout.block_n, skv, "KV")
-    maxk, nk = layout.kv_index.shape[3], layout.num_kv_blocks
-    add((layout.kv_count >= 0).all() & (layout.kv_count <= maxk).all(), f"kv_count must be in 0..MAXK={maxk}")
-    live = torch.arange(maxk, device=dev) < layout.kv_count[..., None]
-    idx = layout.kv_index
-    add((~live | ((idx >= 0) & (idx < nk))).all(), f"kv_index entries (the first kv_count) must be in 0..{nk - 1}")
+    nk, total = layout.num_kv_blocks, layout.kv_index.numel()
+    count, offset = layout.kv_count, layout.kv_offset
+    add((count >= 0).all() & (count <= nk).all(), f"kv_count must be in 0..NK={nk}")
+    live_block = count > 0
+    add((~live_block | ((offset >= 0) & (offset.long() + count <= total))).all(),
+        f"kv_offset + kv_count must lie inside kv_index ({total} entries)")
+    # the lists padded to the longest (at most NK) for the entry checks
+    width = max(1, min(nk, int(count.max()) if count.numel() else 0))
+    idx = _padded_lists(layout, width)
+    live = torch.arange(width, device=dev) < count[..., None]
+    add((~live | ((idx >= 0) & (idx < nk))).all(), f"kv_index entries (the kv_count of each list) must be in 0..{nk - 1}")
     safe = torch.where(live & (idx >= 0) & (idx < nk), idx, nk).long()
     seen = torch.zeros((*idx.shape[:3], nk + 1), dtype=torch.int32, device=dev)
     seen.scatter_add_(3, safe, torch.ones_like(safe, dtype=torch.int32))
-    add((seen[..., :nk] <= 1).all(), "a row of kv_index lists the same KV block twice")
+    add((seen[..., :nk] <= 1).all(), "a list of kv_index names the same KV block twice")
     for name, perm, s in (("q_perm", q_perm, sq), ("kv_perm", kv_perm, skv)):
         if perm is None:
             continue
@@ -626,7 +687,8 @@ def _run_kernel(qb, kb, vb, layout, mode, scale, mask, q_perm, kv_perm, smooth_v
             lse_bhs.fill_(float("-inf"))
     geometry = dict(
         q_start=layout.q_start, q_len=layout.q_len, k_start=layout.k_start, k_len=layout.k_len,
-        kv_index=layout.kv_index, kv_count=layout.kv_count, block_m=layout.block_m, block_n=layout.block_n,
+        kv_index=layout.kv_index, kv_offset=layout.kv_offset, kv_count=layout.kv_count, block_m=layout.block_m,
+        block_n=layout.block_n,
     )
     if mode == "dense":
         block_sparse_attn.block_sparse_fwd(

@@ -69,8 +69,9 @@ class SparsePlan:
 
     Attributes:
         layout: the :class:`sagevideo.sparse.blocks.BlockLayout` (block lists of the permuted sequence).
-        q_perm, kv_perm: ``(B, H, S)`` int64; row ``s`` of the permuted sequence is original row
-            ``perm[b, h, s]``; None when the permutation is the identity for every head.
+        q_perm, kv_perm: ``(B, H, S)`` int32 (what the kernels read; half the memory of int64 in a held
+            plan); row ``s`` of the permuted sequence is original row ``perm[b, h, s]``; None when the
+            permutation is the identity for every head.
         density: fraction of the QKᵀ token pairs computed, averaged over (batch, head).
         info: method-specific details (head classes, window widths, centroids, ...).
         dense_heads: flat indices ``b·H + h`` of the heads whose every block is kept (e.g. heads profiled
@@ -407,15 +408,16 @@ def _class_lists(maps: SpatioTemporalMaps, block_m: int, block_n: int, device: t
         k_start, k_len = maps.k_start.to(torch.int32)[None, None], maps.k_len.to(torch.int32)[None, None]
         lists = [block_mask_to_layout(q_start, q_len, k_start, k_len, keep[None, None], block_m, block_n)
                  for keep in keeps]
-        maxk = [lay.kv_index.shape[3] for lay in lists]
-        index = torch.zeros(3, nq, max(maxk), dtype=torch.int32)
-        for c, lay in enumerate(lists):
-            index[c, :, : maxk[c]] = lay.kv_index[0, 0]
+        # the three classes' lists end to end, each class's offsets shifted to its part
+        base = [0]
+        for lay in lists[:-1]:
+            base.append(base[-1] + lay.kv_index.numel())
+        offset = torch.stack([lay.kv_offset[0, 0] + base[c] for c, lay in enumerate(lists)])
         cache[key] = {
             "q_start": q_start[0, 0].to(device), "q_len": q_len[0, 0].to(device),
             "k_start": k_start[0, 0].to(device), "k_len": k_len[0, 0].to(device),
-            "index": index.to(device), "count": torch.stack([lay.kv_count[0, 0] for lay in lists]).to(device),
-            "maxk": maxk,
+            "index": torch.cat([lay.kv_index for lay in lists]).to(device), "offset": offset.to(device),
+            "count": torch.stack([lay.kv_count[0, 0] for lay in lists]).to(device),
             # the KV blocks' alignment (BlockLayout.kv_aligned / kv_reach), the same for every class
             "kv_geometry": (lists[0].kv_aligned, lists[0].kv_reach),
             "density": [float(block_density(keep, maps.q_len, maps.k_len)) for keep in keeps],
@@ -445,9 +447,10 @@ def plan_spatiotemporal(
         device: where the layout and perms go (``head_classes.device`` by default).
 
     Temporal heads get the position-major permutation for Q and K/V; dense heads keep every block. The block
-    lists of each class are built once per shape and device; a plan gathers each head's rows by its class,
-    with one host sync (the class histogram: range check, whether any head is temporal, the list width and
-    the mean density).
+    lists of each class are built once per shape and device and shared by every plan of that shape: a plan
+    holds, per (batch, head, query block), where its list starts and how long it is, chosen by the head's
+    class, with one host sync (the class histogram: range check, whether any head is temporal and the mean
+    density).
     """
     from sagevideo.sparse.blocks import BlockLayout
 
@@ -462,8 +465,6 @@ def plan_spatiotemporal(
     stats = stats.tolist()  # the plan's one host sync
     if stats[3]:
         raise ValueError("head_classes must hold 0 (dense), 1 (spatial) or 2 (temporal)")
-    present = [c for c in range(3) if stats[c] > 0]
-    maxk = max([1] + [lists["maxk"][c] for c in present])
     nq, nk = lists["q_start"].shape[0], lists["k_start"].shape[0]
 
     def expand(x, n):
@@ -471,14 +472,14 @@ def plan_spatiotemporal(
 
     block_layout = BlockLayout(
         expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
-        expand(lists["k_len"], nk), lists["index"][:, :, :maxk][cls].contiguous(), lists["count"][cls].contiguous(),
-        block_m, block_n, kv_aligned=lists["kv_geometry"][0], kv_reach=lists["kv_geometry"][1],
+        expand(lists["k_len"], nk), lists["index"], lists["count"][cls].contiguous(), block_m, block_n,
+        kv_aligned=lists["kv_geometry"][0], kv_reach=lists["kv_geometry"][1], kv_offset=lists["offset"][cls].contiguous(),
     )
     q_perm = kv_perm = None
     if stats[HEAD_TEMPORAL]:
         ident = sequence_perm(layout, False, device)
         pm = sequence_perm(layout, True, device)
-        q_perm = torch.where((cls == HEAD_TEMPORAL)[:, :, None], pm, ident).contiguous()
+        q_perm = torch.where((cls == HEAD_TEMPORAL)[:, :, None], pm, ident).to(torch.int32)
         kv_perm = q_perm
     per_class = lists["density"]
     density_bh = lists["density_t"][cls]

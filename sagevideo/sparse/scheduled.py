@@ -9,10 +9,9 @@ Classifier-free guidance: diffusers' Wan and HunyuanVideo 1.5 call the transform
 uncond) with the same batch size. With ``profile_every``/``kmeans_every`` = 1 every call plans afresh (k-means
 warm-started from the previous call's centroids, which Sparse VideoGen 2 also shares between the two on
 purpose); with ``N`` > 1 a plan is rebuilt at most every ``N`` steps and both calls of a step reuse it.
-Both default to None: 3 on videos of at most 2²¹ rows over (batch, head) and 1 above
-(:func:`sagevideo.sparse.api.default_replan_every`), and 1 when the step of a call is unknown (a transformer
-patched without a scheduler and no ``handle.set_step``): a plan is reused only across steps known to follow each
-other, never into the next video. CogVideoX runs both in one batch of 2, and each batch entry gets its own
+Both default to None: 3 (:data:`sagevideo.sparse.api.DEFAULT_REPLAN_EVERY`), and 1 when the step of a call is
+unknown (a transformer patched without a scheduler and no ``handle.set_step``): a plan is reused only across
+steps known to follow each other, never into the next video. CogVideoX runs both in one batch of 2, and each batch entry gets its own
 plan.
 
 When a call cannot be planned, the method runs the dense quantized op with the same ``precision`` instead and
@@ -61,7 +60,7 @@ def _fallback(name: str, reason: str, q, k, v, ctx):
 
 def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
     """Body of the registered method ``name`` (``fn(q, k, v, ctx) -> (out, lse | None)``)."""
-    from sagevideo.sparse.api import SparseState, default_replan_every, sparse_attention
+    from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY, SparseState, sparse_attention
 
     params = dict(ctx.params)
     layout = ctx.layout
@@ -81,8 +80,7 @@ def run(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx):
     every_key = "profile_every" if name == "sparse-spatiotemporal" else "kmeans_every"
     if params[every_key] is None:
         # the default interval; with no step nothing tells a new video from the next step of this one: every call
-        heads = q.shape[2 if ctx.tensor_layout == "BSHD" else 1]
-        params[every_key] = 1 if ctx.step is None else default_replan_every(q.shape[0] * heads * layout.video_len)
+        params[every_key] = 1 if ctx.step is None else DEFAULT_REPLAN_EVERY
     res = sparse_attention(
         q, k, v, grid=layout.grid, text=text, method=METHOD_NAMES[name], layout=ctx.tensor_layout, scale=ctx.scale,
         return_lse=ctx.return_lse, key_padding_mask=ctx.key_padding_mask, state=state, step=ctx.step,

@@ -121,7 +121,8 @@ def labels_to_perm(labels: torch.Tensor) -> torch.Tensor:
 def invert_perm(perm: torch.Tensor) -> torch.Tensor:
     """The inverse permutation along the last dim: ``x[perm][inv] == x``."""
     inv = torch.empty_like(perm)
-    inv.scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
+    ids = torch.arange(perm.shape[-1], device=perm.device, dtype=perm.dtype).expand_as(perm)
+    inv.scatter_(-1, perm.long(), ids)
     return inv
 
 
@@ -188,7 +189,7 @@ def _plan_tensors(qv, kv, layout: TokenLayout, b: int, hq: int, hk: int, cq: int
                   min_count, q_init, k_init, generator, scale, block_m, block_n, static: bool) -> dict:
     """The plan's tensors from the video rows ``qv`` ``(B·Hq, Nv, D)`` and ``kv`` ``(B·Hk, Nv, D)``: steps 1-5
     of the module docstring. ``static``: no host sync and shapes that depend only on the arguments (block
-    counts from :func:`max_cluster_blocks`, ``MAXK = NK``), so the whole function can be captured in a CUDA
+    counts from :func:`max_cluster_blocks`, ``NK`` slots per block list), so the whole function can be captured in a CUDA
     graph; otherwise the block counts are the data's (one sync in :func:`cluster_blocks` per side, one in
     :func:`block_mask_to_layout`)."""
     from sagevideo.sparse.blocks import block_mask_to_layout
@@ -201,7 +202,7 @@ def _plan_tensors(qv, kv, layout: TokenLayout, b: int, hq: int, hk: int, cq: int
     kk = batched_kmeans(kv, ck, iters=iters, init=k_init, generator=generator)
 
     # permutations of the whole sequence: video rows sorted by label, text rows in place
-    ident = torch.arange(s, device=device, dtype=torch.int64)
+    ident = torch.arange(s, device=device, dtype=torch.int32)  # int32: what the kernels read
     q_perm = ident.repeat(b, hq, 1)
     q_perm[:, :, vs] = qk.order.reshape(b, hq, nv) + layout.video_start  # = labels_to_perm(qk.labels)
     kv_perm_k = ident.repeat(b, hk, 1)
@@ -318,7 +319,7 @@ def plan_semantic(
         block_m, block_n: query / key block sizes (clusters are cut into chunks of at most these).
         static: build the layout with shapes fixed by the arguments and no host sync until the end: block counts
             from :func:`sagevideo.sparse.blocks.max_cluster_blocks` (padding slots of length 0 for the rest) and
-            block lists ``NK`` long. The same blocks, permutations and attention as the default form (tested);
+            ``NK`` slots for every block list. The same blocks, permutations and attention as the default form (tested);
             more padding to carry. Needs ``block_n`` a multiple of 16.
         graph: on CUDA, with warm-start centroids, replay a CUDA graph of the static plan (captured on the first
             call of each signature, :class:`PlanGraphs`): one launch instead of several hundred small ones, for
