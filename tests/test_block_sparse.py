@@ -240,6 +240,31 @@ def test_block_mask_to_layout_with_shared_rows():
         block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows[..., :-1])
 
 
+def test_packed_layout_is_the_same_layout_without_unused_slots():
+    """``BlockLayout.packed()`` keeps every block's list (ids, order, count) and drops the rest: the static
+    form's NK slots a list, and the sharing of lists between blocks (each block gets its own copy)."""
+    g = torch.Generator().manual_seed(8)
+    b, h, nr, nq, nk = 2, 3, 4, 9, 11
+    row_keep = torch.rand(b, h, nr, nk, generator=g) < 0.4
+    rows = torch.randint(0, nr, (b, h, nq), generator=g)
+    qs, ql = uniform_blocks(b, h, nq * 16, 16, "cpu")
+    ks, kl = uniform_blocks(b, h, nk * 8, 8, "cpu")
+    ql = ql.clone()
+    ql[:, :, -1] = 0  # a padding query slot
+    for geometry in (None, (False, 16)):
+        lay = block_mask_to_layout(qs, ql, ks, kl, row_keep, 16, 8, rows=rows, kv_geometry=geometry)
+        packed = lay.packed()
+        assert packed.kv_index.numel() == int(lay.kv_count.sum())
+        assert torch.equal(packed.kv_count, lay.kv_count) and torch.equal(packed.padded_lists(), lay.padded_lists())
+        assert torch.equal(packed.keep_matrix(), lay.keep_matrix())
+        # block i's list starts where block i - 1's ends
+        flat = packed.kv_offset.reshape(-1).long()
+        assert flat[0] == 0 and torch.equal(flat[1:], (flat + packed.kv_count.reshape(-1))[:-1])
+        blocks._check_data(packed, nq * 16, nk * 8, None, None, "test")
+    empty = block_mask_to_layout(qs, ql, ks, kl, torch.zeros(b, h, nq, nk, dtype=torch.bool), 16, 8).packed()
+    assert empty.kv_index.numel() == 0 and (empty.kv_count == 0).all()
+
+
 def test_layout_token_mask():
     lay = _hand_layout()
     m = layout_token_mask(lay, 21, 35)
@@ -305,10 +330,11 @@ def test_dense_reference_equals_exact_masked_attention():
     o64, l64 = blocks._run_reference(q, k, v, lay, "dense", d ** -0.5, kpm, qp, kp, False, exact_dtype=torch.float64)
     torch.testing.assert_close(o64, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(l64.double(), want_lse.float().double(), atol=0, rtol=0)
-    # the public op on CPU runs the same thing for "dense" (up to the CPU BLAS, whose fp32 sums are not
-    # reproducible bit for bit across calls: this comparison failed 2 times in about 15 runs with torch.equal)
+    # the public op on CPU runs the same thing for "dense", held to the same bound against the exact result (the
+    # CPU BLAS's fp32 sums are not reproducible bit for bit across calls: with scores of ~100 two calls differed by
+    # up to 1.5e-4 in some runs, so the two outputs are not compared with each other at fp32 resolution)
     out2 = block_sparse_attention(q, k, v, lay, precision="dense", key_padding_mask=kpm, q_perm=qp, kv_perm=kp)
-    torch.testing.assert_close(out2, out, atol=1e-6, rtol=1e-6)
+    assert error_metrics(out2, want)["rel_l1"] < 1e-5 and (out2[~mask.any(-1)] == 0).all()
 
 
 @pytest.mark.parametrize("precision", ["int8-fp8", "int8-fp16"])

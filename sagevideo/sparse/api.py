@@ -164,8 +164,8 @@ GRAPH_MAX_ROWS = 1 << 21
 #:
 #: - semantic, Wan2.1-1.3B 480p: 1.53× every step, 1.64× every 2, 2.18× every 3. CogVideoX-5B: 1.30×, 1.77×,
 #:   1.97×. Wan2.1-14B 720p: 2.95×, 3.41×, 3.56×. HunyuanVideo 720p: 3.45×, 3.79×, 3.91×.
-#: - memory one layer's plan holds beyond its centroids (packed block lists, int32 permutations): 18 MiB at
-#:   Wan2.1-1.3B (0.5 GiB over 30 layers), 24 MiB at CogVideoX-5B (1.0 GiB over 42), 44 MiB at Wan2.1-14B
+#: - memory one layer's plan holds beyond its centroids (packed block lists, int32 permutations): 6 MiB at
+#:   Wan2.1-1.3B (0.2 GiB over 30 layers), 11 MiB at CogVideoX-5B (0.4 GiB over 42), 44 MiB at Wan2.1-14B
 #:   (1.7 GiB over 40), 37 MiB at HunyuanVideo (2.2 GiB over 60 blocks). Before the lists were packed, a held
 #:   720p plan took 249 / 319 MiB, and reuse was the default only on small videos.
 #: - spatiotemporal with every head spatial or temporal (profiling tolerance lifted): Wan2.1-1.3B 1.77× every
@@ -412,7 +412,7 @@ def sparse_attention(
             above which a head stays dense (0.5, ours).
         profile_every, kmeans_every: with a ``state``, re-profile / re-cluster only every that many steps (1 =
             every call); in between, the previous plan is reused. None (the default): every 3 steps
-            (:data:`DEFAULT_REPLAN_EVERY`; a held plan takes 18-44 MiB a layer at the Wan and HunyuanVideo
+            (:data:`DEFAULT_REPLAN_EVERY`; a held plan takes 6-44 MiB a layer at the Wan and HunyuanVideo
             shapes beyond its centroids).
         precision: ``"auto"``, ``"int8-fp8"``, ``"int8-fp16"`` or ``"dense"`` (kernel arithmetic).
         layout: ``"BHSD"`` or ``"BSHD"`` (of q, k, v and of the output).

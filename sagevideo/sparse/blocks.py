@@ -23,6 +23,7 @@ reference of ``sagevideo.reference``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -197,6 +198,24 @@ class BlockLayout:
         if width is None:
             width = int(self.kv_count.max()) if self.kv_count.numel() else 0
         return _padded_lists(self, max(1, int(width)))
+
+    def packed(self) -> "BlockLayout":
+        """The same layout with each query block's list stored once, end to end in block order, and nothing
+        else: ``kv_index`` holds ``kv_count.sum()`` entries (one host sync). For layouts whose lists carry
+        unused slots, e.g. the static form (``NK`` slots per list) that a CUDA graph builds; a list shared by
+        several blocks is copied for each of them, so layouts built with shared lists are smaller as they are."""
+        count = self.kv_count.reshape(-1).long()
+        ends = count.cumsum(0)
+        total = int(ends[-1]) if count.numel() else 0
+        if total > MAX_LIST_ENTRIES:
+            raise ValueError(f"BlockLayout.packed: {total} list entries do not fit int32 offsets")
+        entry = torch.arange(total, device=self.device)
+        block = torch.searchsorted(ends, entry, right=True)  # the query block of each entry
+        new_start = ends - count
+        src = self.kv_offset.reshape(-1).long()[block] + (entry - new_start[block])
+        index = self.kv_index[src] if total else self.kv_index.new_zeros(0)
+        return dataclasses.replace(self, kv_index=index.to(torch.int32),
+                                   kv_offset=new_start.to(torch.int32).view(self.kv_count.shape))
 
     def keep_matrix(self) -> torch.Tensor:
         """The block-level mask, bool ``(B, H, NQ, NK)`` (small: one entry per block pair)."""

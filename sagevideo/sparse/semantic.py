@@ -267,9 +267,10 @@ def _plan_tensors(qv, kv, layout: TokenLayout, b: int, hq: int, hk: int, cq: int
 DENSE_TILE_FRACTION: float | None = 0.8
 
 
-def _plan_from_tensors(t: dict) -> SparsePlan:
+def _plan_from_tensors(t: dict, pack: bool = False) -> SparsePlan:
     """The :class:`SparsePlan` of :func:`_plan_tensors`' result (one host sync: the per-head densities and tile
-    fractions). Heads with every pair kept, or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or
+    fractions; ``pack``: one more, to store the static form's lists, ``NK`` slots each, packed:
+    :meth:`BlockLayout.packed`, so that a held plan takes the kept pairs' memory). Heads with every pair kept, or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or
     more, are the plan's ``dense_heads``; the plan's ``density`` counts the latter as 1 (all their pairs are
     computed), while ``info["density_per_head"]`` keeps the selection's."""
     info = {name: t[name] for name in ("q_centroids", "k_centroids", "q_sizes", "k_sizes", "cluster_keep", "iters",
@@ -279,8 +280,8 @@ def _plan_from_tensors(t: dict) -> SparsePlan:
     dense_heads = tuple(i for i, (x, f) in enumerate(zip(per_head, tiles)) if x >= 1.0 or f >= limit)
     # the plan's density is the share of pairs computed: a head sent to the dense op computes all of its pairs
     computed = [1.0 if f >= limit else x for x, f in zip(per_head, tiles)]
-    return SparsePlan(t["layout"], t["q_perm"], t["kv_perm"], sum(computed) / max(1, len(computed)), info,
-                      dense_heads)
+    layout = t["layout"].packed() if pack else t["layout"]
+    return SparsePlan(layout, t["q_perm"], t["kv_perm"], sum(computed) / max(1, len(computed)), info, dense_heads)
 
 
 def plan_semantic(
@@ -319,8 +320,8 @@ def plan_semantic(
         block_m, block_n: query / key block sizes (clusters are cut into chunks of at most these).
         static: build the layout with shapes fixed by the arguments and no host sync until the end: block counts
             from :func:`sagevideo.sparse.blocks.max_cluster_blocks` (padding slots of length 0 for the rest) and
-            ``NK`` slots for every block list. The same blocks, permutations and attention as the default form (tested);
-            more padding to carry. Needs ``block_n`` a multiple of 16.
+            ``NK`` slots for every block list (packed at the end, one more host sync). The same blocks,
+            permutations and attention as the default form (tested). Needs ``block_n`` a multiple of 16.
         graph: on CUDA, with warm-start centroids, replay a CUDA graph of the static plan (captured on the first
             call of each signature, :class:`PlanGraphs`): one launch instead of several hundred small ones, for
             shapes where launching dominates (Wan2.1-1.3B 480p: ~10 ms of host time against a few ms of GPU
@@ -359,7 +360,7 @@ def plan_semantic(
         qb[:, :, vs].reshape(b * hq, nv, d), kb[:, :, vs].reshape(b * hk, nv, d), layout, b, hq, hk, cq, ck,
         q_init=q_init, k_init=k_init, generator=generator, static=static, **settings,
     )
-    plan = _plan_from_tensors(t)
+    plan = _plan_from_tensors(t, pack=static)
     plan.info["graph"] = False
     return plan
 
@@ -414,13 +415,13 @@ class PlanGraphs:
 
     @staticmethod
     def _plan(out: dict) -> SparsePlan:
-        from sagevideo.sparse.blocks import _LAYOUT_FIELDS
-
         t = {name: (val.clone() if isinstance(val, torch.Tensor) else val) for name, val in out.items()
              if name != "layout"}
         lay = out["layout"]
-        t["layout"] = dataclasses.replace(lay, **{f: getattr(lay, f).clone() for f in _LAYOUT_FIELDS})
-        plan = _plan_from_tensors(t)
+        # the block geometry copied out of the graph's buffers; the lists are copied by packing them
+        t["layout"] = dataclasses.replace(lay, **{f: getattr(lay, f).clone() for f in ("q_start", "q_len", "k_start",
+                                                                                       "k_len", "kv_count")})
+        plan = _plan_from_tensors(t, pack=True)
         plan.info["graph"] = True
         return plan
 
@@ -440,7 +441,7 @@ class PlanGraphs:
 
         # the eager run: this call's result, and the warm-up (Triton launch choices, cuBLAS and sort workspaces,
         # the text blocks' device copies) that must not happen during the capture
-        first_plan = _plan_from_tensors(body())
+        first_plan = _plan_from_tensors(body(), pack=True)
         first_plan.info["graph"] = False
         graph = torch.cuda.CUDAGraph()
         try:
