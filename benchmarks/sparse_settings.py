@@ -12,10 +12,10 @@ six inputs standing for consecutive denoising steps (``sagevideo.testing.denoisi
 three warm ones. Reported: the **cycle mean** of 24 calls (the median, over every run of as many consecutive calls
 as the re-planning interval, of the run's mean: a plan rebuilt every few calls is amortised over the calls that
 reuse it, and a run that compiled a new kernel variant does not count; ``sagevideo.testing.cycle_mean``) and the
-median, both against the median SDPA-cuDNN call in the same run; the plan's density and the heads whose tiles send them to the dense op
-(``semantic.DENSE_TILE_FRACTION``); the cosine and relative L1 of 512 sampled query rows against float32 dense
-attention. ``--plan-bytes`` adds the memory one layer's plan holds between calls (its tensors), which a state keeps
-when it re-plans less often than every call.
+median, both against the median SDPA-cuDNN call in the same run; the plan's density and the heads whose tiles
+send them to the dense op (``semantic.DENSE_TILE_FRACTION``); the cosine and relative L1 of 512 sampled query
+rows against float32 dense attention. ``--plan-bytes`` adds the memory one layer's plan holds between calls (its
+tensors), which a state keeps when it re-plans less often than every call.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ def test_fields_for_every_mode(result):
     for cp in ("ulysses", "ring"):
         for m in MODES:
             e = result["parallel"][cp][m]
-            if cp == "ring" and m == "sdpa":  # diffusers' native SDPA returns no LSE: recorded, not fatal
-                assert "error" in e or "ms" in e
+            if cp == "ring" and m == "sdpa":  # diffusers' native SDPA returns no LSE: not run, and said so
+                assert "no LSE" in e["error"]
                 continue
             assert e["ms"] > 0 and e["speedup_vs_1"] > 0
             assert set(e["vs_same_mode_1"]) == {"max_abs", "rel_l1", "cos"}

@@ -641,7 +641,8 @@ def _check_data(layout: BlockLayout, sq: int, skv: int, q_perm, kv_perm, where: 
     width = max(1, min(nk, int(count.max()) if count.numel() else 0))
     idx = _padded_lists(layout, width)
     live = torch.arange(width, device=dev) < count[..., None]
-    add((~live | ((idx >= 0) & (idx < nk))).all(), f"kv_index entries (the kv_count of each list) must be in 0..{nk - 1}")
+    add((~live | ((idx >= 0) & (idx < nk))).all(),
+        f"kv_index entries (the kv_count of each list) must be in 0..{nk - 1}")
     safe = torch.where(live & (idx >= 0) & (idx < nk), idx, nk).long()
     seen = torch.zeros((*idx.shape[:3], nk + 1), dtype=torch.int32, device=dev)
     seen.scatter_add_(3, safe, torch.ones_like(safe, dtype=torch.int32))

@@ -473,7 +473,8 @@ def plan_spatiotemporal(
     block_layout = BlockLayout(
         expand(lists["q_start"], nq), expand(lists["q_len"], nq), expand(lists["k_start"], nk),
         expand(lists["k_len"], nk), lists["index"], lists["count"][cls].contiguous(), block_m, block_n,
-        kv_aligned=lists["kv_geometry"][0], kv_reach=lists["kv_geometry"][1], kv_offset=lists["offset"][cls].contiguous(),
+        kv_aligned=lists["kv_geometry"][0], kv_reach=lists["kv_geometry"][1],
+        kv_offset=lists["offset"][cls].contiguous(),
     )
     q_perm = kv_perm = None
     if stats[HEAD_TEMPORAL]:

@@ -11,8 +11,8 @@ warm-started from the previous call's centroids, which Sparse VideoGen 2 also sh
 purpose); with ``N`` > 1 a plan is rebuilt at most every ``N`` steps and both calls of a step reuse it.
 Both default to None: 3 (:data:`sagevideo.sparse.api.DEFAULT_REPLAN_EVERY`), and 1 when the step of a call is
 unknown (a transformer patched without a scheduler and no ``handle.set_step``): a plan is reused only across
-steps known to follow each other, never into the next video. CogVideoX runs both in one batch of 2, and each batch entry gets its own
-plan.
+steps known to follow each other, never into the next video. CogVideoX runs both in one batch of 2, and each
+batch entry gets its own plan.
 
 When a call cannot be planned, the method runs the dense quantized op with the same ``precision`` instead and
 logs that once per reason: ring context parallelism (each call sees one KV chunk; the patterns need the whole

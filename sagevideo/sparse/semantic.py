@@ -189,8 +189,8 @@ def _plan_tensors(qv, kv, layout: TokenLayout, b: int, hq: int, hk: int, cq: int
                   min_count, q_init, k_init, generator, scale, block_m, block_n, static: bool) -> dict:
     """The plan's tensors from the video rows ``qv`` ``(B·Hq, Nv, D)`` and ``kv`` ``(B·Hk, Nv, D)``: steps 1-5
     of the module docstring. ``static``: no host sync and shapes that depend only on the arguments (block
-    counts from :func:`max_cluster_blocks`, ``NK`` slots per block list), so the whole function can be captured in a CUDA
-    graph; otherwise the block counts are the data's (one sync in :func:`cluster_blocks` per side, one in
+    counts from :func:`max_cluster_blocks`, ``NK`` slots per block list), so the whole function can be captured
+    in a CUDA graph; otherwise the block counts are the data's (one sync in :func:`cluster_blocks` per side, one in
     :func:`block_mask_to_layout`)."""
     from sagevideo.sparse.blocks import block_mask_to_layout
 
@@ -270,9 +270,10 @@ DENSE_TILE_FRACTION: float | None = 0.8
 def _plan_from_tensors(t: dict, pack: bool = False) -> SparsePlan:
     """The :class:`SparsePlan` of :func:`_plan_tensors`' result (one host sync: the per-head densities and tile
     fractions; ``pack``: one more, to store the static form's lists, ``NK`` slots each, packed:
-    :meth:`BlockLayout.packed`, so that a held plan takes the kept pairs' memory). Heads with every pair kept, or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or
-    more, are the plan's ``dense_heads``; the plan's ``density`` counts the latter as 1 (all their pairs are
-    computed), while ``info["density_per_head"]`` keeps the selection's."""
+    :meth:`BlockLayout.packed`, so that a held plan takes the kept pairs' memory). Heads with every pair kept,
+    or (on CUDA) with :data:`DENSE_TILE_FRACTION` of the dense tiles or more, are the plan's ``dense_heads``;
+    the plan's ``density`` counts the latter as 1 (all their pairs are computed), while
+    ``info["density_per_head"]`` keeps the selection's."""
     info = {name: t[name] for name in ("q_centroids", "k_centroids", "q_sizes", "k_sizes", "cluster_keep", "iters",
                                        "density_per_head", "tile_fraction_per_head")}
     per_head, tiles = torch.stack([t["density_per_head"].flatten(), t["tile_fraction_per_head"].flatten()]).tolist()
