@@ -11,8 +11,9 @@ CUDA events through ``triton.testing.do_bench``, after warm-up):
 * on request (``sparse-spatiotemporal``, ``sparse-semantic``), the whole ``sagevideo.sparse_attention`` call in
   ``int8-fp8``, pattern search included, with each method's defaults, on inputs with locality over the shape's
   latent grid (``sagevideo.testing.locality_qkv``) that stand for consecutive denoising steps of one video
-  (``denoising_steps``), so the method's state is warm-started as in a sampler; the mean of the calls, not the
-  median, since a plan is rebuilt every few calls by default (``sparse.api.DEFAULT_REPLAN_EVERY``).
+  (``denoising_steps``), so the method's state is warm-started as in a sampler; the cycle mean of the calls
+  (``sagevideo.testing.cycle_mean``), not the median, since a plan is rebuilt every few calls by default
+  (``sparse.api.DEFAULT_REPLAN_EVERY``).
   Its accuracy is against float32 *dense* attention on those inputs: what the pattern and the quantization
   cost together.
 
@@ -139,10 +140,15 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         torch.cuda.synchronize()
         return triton.testing.do_bench(fn, warmup=200, rep=rep_ms, return_mode="median")
 
-    def time_mean(fn):  # sparse calls: a plan built every few calls, its cost amortised over the others
+    def time_cycle(fn):  # sparse calls: a plan built every few calls, its cost amortised over the others
+        from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
+        from sagevideo.testing import cycle_mean
+
         fn()
         torch.cuda.synchronize()
-        return triton.testing.do_bench(fn, warmup=200, rep=rep_ms, return_mode="mean")
+        times = triton.testing.do_bench(fn, warmup=200, rep=rep_ms, return_mode="all")
+        # a short --rep-ms on a slow call may time fewer calls than a cycle: then their mean
+        return cycle_mean(times, min(DEFAULT_REPLAN_EVERY, len(times)))
 
     def acc(out):
         m = error_metrics(out[:, :, rows], ref)
@@ -182,7 +188,7 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         del qkv, out
     sparse = [m for m in modes if m in SPARSE_MODES]
     if sparse:
-        results += sparse_rows(name, shape, sparse, time_mean, sample_rows=sample_rows, seed=seed, device="cuda",
+        results += sparse_rows(name, shape, sparse, time_cycle, sample_rows=sample_rows, seed=seed, device="cuda",
                                log=log)
     cudnn = next((r.ms for r in results if r.provider == "sdpa-cudnn" and r.ms == r.ms), None)
     for r in results:
