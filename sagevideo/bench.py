@@ -144,7 +144,11 @@ def bench_shape(name: str, shape, *, modes=("int8-fp8", "int8-fp16"), rep_ms: in
         from sagevideo.sparse.api import DEFAULT_REPLAN_EVERY
         from sagevideo.testing import cycle_mean
 
-        fn()
+        # whole cycles first: a call that takes a new path (e.g. the first split of heads between the dense op
+        # and the block-sparse kernel) compiles kernel variants for seconds, and do_bench sizes its runs from
+        # its first few calls
+        for _ in range(4 * DEFAULT_REPLAN_EVERY):
+            fn()
         torch.cuda.synchronize()
         times = triton.testing.do_bench(fn, warmup=200, rep=rep_ms, return_mode="all")
         # a short --rep-ms on a slow call may time fewer calls than a cycle: then their mean

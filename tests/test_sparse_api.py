@@ -462,3 +462,22 @@ def test_cross_attention_refused():
     _, k, v = _rand(1, 2, 30)
     with pytest.raises(ValueError, match="same sequence"):
         sparse_attention(q, k, v, grid=(2, 3, 4))
+
+
+def test_a_small_split_runs_dense_on_cuda_only():
+    """The split rule: a plan that sends some heads to the dense op and saves under SPLIT_MIN_SAVING of the work
+    on the others runs every head dense on CUDA; a plan with no dense heads, or saving more, is run sparse; on the
+    CPU (no split cost measured there) only all-dense plans run dense."""
+    from sagevideo.sparse import api
+
+    def plan(density, dense_heads):
+        return api.SparsePlan(layout=None, q_perm=None, kv_perm=None, density=density, dense_heads=dense_heads)
+
+    cut = api.SPLIT_MIN_SAVING
+    assert 0.0 < cut < 1.0
+    assert api._runs_dense(plan(1.0 - cut / 2, (0, 1, 2)), 4, cuda=True)  # one sparse head, little saved
+    assert not api._runs_dense(plan(1.0 - cut / 2, (0, 1, 2)), 4, cuda=False)
+    assert not api._runs_dense(plan(1.0 - 2 * cut, (0,)), 4, cuda=True)  # enough saved: split
+    assert not api._runs_dense(plan(1.0 - cut / 2, ()), 4, cuda=True)  # no dense heads: no split to pay for
+    assert api._runs_dense(plan(0.3, (0, 1, 2, 3)), 4, cuda=False)  # every head dense
+    assert api._runs_dense(plan(1.0, ()), 4, cuda=False)

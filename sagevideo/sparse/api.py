@@ -88,10 +88,11 @@ class SparseState:
     Reading the attributes gives the values of the most recent call: ``head_classes`` ``(B, H)`` (0 dense,
     1 spatial, 2 temporal) and ``profiled_at`` (the step, or call index, of that profiling); ``q_centroids`` /
     ``k_centroids`` ``(B·H, C, D)``; ``plan`` (the last :class:`SparsePlan`). Counters: ``calls``,
-    ``profiles`` (profiling runs), ``clusterings`` (k-means runs), ``dense_calls`` (calls whose plan kept every
-    block, run by the dense op), ``split_calls`` (calls whose dense heads went through the dense op and the
-    others through the block-sparse kernel), ``last_density`` (:meth:`report` adds the mean over calls). ``max_slots``
-    input signatures are remembered (least recently used dropped).
+    ``profiles`` (profiling runs), ``clusterings`` (k-means runs), ``dense_calls`` (calls run by the dense op alone:
+    every block kept, or too little saved on the sparse heads to pay for a split, :data:`SPLIT_MIN_SAVING`),
+    ``split_calls`` (calls whose dense heads went through the dense op and the others through the block-sparse
+    kernel), ``last_density`` (the share of pairs the last call computed; :meth:`report` adds the mean over
+    calls). ``max_slots`` input signatures are remembered (least recently used dropped).
     """
 
     def __init__(self, max_slots: int = 4):
@@ -178,6 +179,26 @@ GRAPH_MAX_ROWS = 1 << 21
 #: 1 / 2 / 3 / 5. Sparse VideoGen and Sparse VideoGen 2 re-plan every step. Where memory is tight, pass an
 #: interval of 1 (nothing is held but the centroids) or call :meth:`SparseState.drop_plans` between videos.
 DEFAULT_REPLAN_EVERY = 3
+
+
+#: On CUDA, a plan that sends some heads to the dense op (``dense_heads``) and saves less than this share of the
+#: call's work on the others (``1 − plan.density``) runs every head through the dense op instead. A split call
+#: gathers the dense heads' Q, K, V for the dense op, scatters their output back and quantizes every head for the
+#: block-sparse kernel, which cost more than a few sparse heads save. H100, 2026-11-24, int8-fp8, spatiotemporal
+#: heads profiled on inputs with locality: CogVideoX-5B with 1 of 48 heads sparse (saving 0.014) 12.0 ms a call
+#: split against 9.2 for the dense op (about 0.2 of a dense call lost); Wan2.1-14B 720p with 1-2 of 40 heads sparse
+#: (saving 0.02-0.04) 193-215 ms against 184-192 (about 0.05 lost). Between those two losses, 0.15. None: never.
+SPLIT_MIN_SAVING: float | None = 0.15
+
+
+def _runs_dense(plan: SparsePlan, heads: int, cuda: bool) -> bool:
+    """Whether a call with ``plan`` over ``heads`` (batch × head) pairs runs the dense op for every head: when
+    the plan keeps every block or sends every head to the dense op, and on CUDA also when it sends some heads
+    there and saves less than :data:`SPLIT_MIN_SAVING` of the work on the others (a split would cost more)."""
+    if plan.density >= 1.0 or len(plan.dense_heads) >= heads:
+        return True
+    return (cuda and bool(plan.dense_heads) and SPLIT_MIN_SAVING is not None
+            and 1.0 - plan.density < SPLIT_MIN_SAVING)
 
 
 def _graph_plan(plan_graph, rows: int) -> bool:
@@ -455,16 +476,17 @@ def sparse_attention(
         key_padding_mask=key_padding_mask, state=st, step=step, seed=seed, block_m=block_m, block_n=block_n,
         plan_graph=plan_graph,
     )
-    st.calls += 1
-    st.last_density = p.density
-    st._density_sum += p.density
     b, hq = q.shape[0], q.shape[3 - s_axis]
+    run_dense = _runs_dense(p, b * hq, q.is_cuda)
+    st.calls += 1
+    st.last_density = 1.0 if run_dense else p.density
+    st._density_sum += st.last_density
     dense_kw = dict(precision=precision, scale=scale, return_lse=return_lse, key_padding_mask=key_padding_mask,
                     smooth_v=smooth_v)
-    if p.density >= 1.0 or len(p.dense_heads) == b * hq:
+    if run_dense:
         # every block kept (e.g. every head profiled dense): the same attention, and the dense op is faster
         # than the block-sparse kernel walking every block (1.07x against 0.96x SDPA-cuDNN at Wan2.1-14B 720p
-        # with full blocks, 0.73x with the short blocks of 3-D tiles; H100, 2026-11-24)
+        # with full blocks, 0.73x with the short blocks of 3-D tiles; H100, 2026-11-24); or a small split
         from sagevideo.ops import attention
 
         st.dense_calls += 1
