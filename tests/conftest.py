@@ -5,7 +5,11 @@
 * Tests marked ``gpu`` are skipped without CUDA; run them on a GPU machine (``pytest -m gpu``).
 """
 
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +32,18 @@ def pytest_collection_modifyitems(config, items):
 def devices():
     """Devices to run device-generic tests on: CPU always, CUDA when present (marked gpu)."""
     return ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@contextlib.contextmanager
+def benchmark_script(filename: str):
+    """Import ``benchmarks/<filename>`` as a module (registered in ``sys.modules`` while in use, since dataclasses
+    look their module up there) and yield it; for the tests of the benchmark scripts."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    try:
+        spec.loader.exec_module(mod)
+        yield mod
+    finally:
+        sys.modules.pop(spec.name, None)

@@ -2,7 +2,6 @@
 against a direct construction, and its ``--smoke`` run end to end on CPU (the kernel under the interpreter), as a
 user would run it; the JSON it writes is checked."""
 
-import importlib.util
 import json
 import math
 import os
@@ -13,18 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import benchmark_script
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sparse.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_sparse", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclass looks its module up
-    spec.loader.exec_module(mod)
-    yield mod
-    sys.modules.pop(spec.name, None)
+    with benchmark_script("sparse.py") as mod:
+        yield mod
 
 
 @pytest.mark.parametrize("grid,extra,tile,block", [((3, 5, 7), 4, (2, 2, 4), 16), ((2, 8, 8), 0, (1, 4, 4), 16)])

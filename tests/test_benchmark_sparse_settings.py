@@ -1,24 +1,18 @@
 """``benchmarks/sparse_settings.py``: its memory count, and its ``--smoke`` run end to end on CPU with the JSON it
 writes (the cluster counts each variant ran with, the accuracy columns)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "sparse_settings.py"
+from tests.conftest import benchmark_script
 
 
 @pytest.fixture(scope="module")
 def settings():
-    spec = importlib.util.spec_from_file_location("bench_sparse_settings", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    with benchmark_script("sparse_settings.py") as mod:
+        yield mod
 
 
 def test_tensor_bytes_counts_each_storage_once(settings):
