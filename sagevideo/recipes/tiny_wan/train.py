@@ -10,8 +10,8 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
 1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips rendered alternately at 256
    and 128 (objects at both generation scales), with fewer photo backgrounds than the transformer sees;
    L1 + L2 weighted up on the objects' own pixels (the renderer's coverage mask), + image-gradient L1 + a
-   small KL, through the VAE's own causal chunked encode/decode, so what is trained is exactly what the
-   pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as the pipeline
+   small KL, through whole-clip passes that equal the pipeline's causal chunked encode/decode
+   (:mod:`.vae`: the same modules, a third faster to train), so what is trained is what the pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as the pipeline
    expects), reconstruction PSNR on held-out clips at the default size, and the evaluation's colour /
    direction checks on correct answers to the held-out prompts passed through the VAE
    (:func:`evaluate.heldout_reference`: the best any transformer could score with this VAE).
@@ -154,6 +154,7 @@ import torch.nn.functional as F
 from sagevideo.recipes.tiny_wan import data as D
 from sagevideo.recipes.tiny_wan import evaluate as E
 from sagevideo.recipes.tiny_wan import model as M
+from sagevideo.recipes.tiny_wan import vae as V
 
 # ----------------------------------------------------------------------------------------------------
 # Presets
@@ -220,6 +221,7 @@ def process_start_time() -> float:
 
 
 MAX_LATENT_REUSE = 8
+ENCODE_MAX_BATCH = 16  # clips per whole-clip VAE encode of a transformer batch (memory: ~9 GiB at 33x256x256)
 COOLDOWN_FRACTION = 0.2  # final share of each stage's steps over which the LR decays linearly
 FINAL_LR_FACTOR = 0.02
 BUDGET_SAFETY = 0.93  # planned steps = safety * remaining time / measured step time
@@ -717,10 +719,10 @@ class Trainer:
         # objects cover ~3% of the pixels but are what the prompts are about: weight their pixels up
         weight = 1.0 + c["vae_object_weight"] * cover[..., crop[0], crop[1]]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            post = self.vae.encode(x).latent_dist
+            post = V.encode(self.vae, x)
             z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=self.device,
                                                    dtype=post.mean.dtype)
-            rec = self.vae.decode(z).sample
+            rec = V.decode(self.vae, z)
         mean, logvar = post.mean.float(), post.logvar.float()
         kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
         return reconstruction_loss(rec, x, weight) + 1e-4 * kl
@@ -756,8 +758,8 @@ class Trainer:
         weight = 1.0 + c["vae_object_weight"] * cover
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             with torch.no_grad():
-                z = self.vae.encode(x).latent_dist.mode()
-            rec = self.vae.decode(z).sample
+                z = V.encode(self.vae, x).mode()
+            rec = V.decode(self.vae, z)
         return reconstruction_loss(rec, x, weight)
 
     def train_vae_decoder(self) -> None:
@@ -853,7 +855,7 @@ class Trainer:
         video, captions, _, cover = D.make_clips(self.renderer, self.args.seed, "dit", data_step, b["batch"],
                                                  b["frames"], b["height"], b["width"], with_mask=True)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z = self.vae.encode(video).latent_dist.mode()
+            z = V.encode(self.vae, video, max_batch=ENCODE_MAX_BATCH).mode()
         weight = 1.0 + c["dit_object_weight"] * latent_grid_mask(cover, z.shape[-3:])
         return M.normalize_latents(self.vae, z.float()), captions, weight
 
