@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from sagevideo.recipes.tiny_wan import data as D
 from sagevideo.recipes.tiny_wan import model as M
+from sagevideo.recipes.tiny_wan import vae as V
 
 
 def _sync():
@@ -91,8 +92,8 @@ def main(argv=None) -> None:
 
             def step():
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    post = vae.encode(video).latent_dist
-                    rec = vae.decode(post.mean + post.std * torch.randn_like(post.mean)).sample
+                    post = V.encode(vae, video)  # the recipe's whole-clip passes
+                    rec = V.decode(vae, post.mean + post.std * torch.randn_like(post.mean))
                 loss = (rec.float() - video).abs().mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -114,7 +115,7 @@ def main(argv=None) -> None:
             def data():
                 v, _, _ = D.make_clips(renderer, 0, "dit", 1, batch, 33, 256, 256)
                 with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                    vae.encode(v).latent_dist.mode()
+                    V.encode(vae, v, max_batch=V.ENCODE_MAX_BATCH).mode()
 
             try:
                 warm, per = _time(data, 2, 3)

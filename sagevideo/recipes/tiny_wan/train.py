@@ -71,11 +71,11 @@ The two ``optim_*`` files may be left out (a finished run needs none; an unfinis
 with fresh moments and a learning-rate re-warmup). ``python -m sagevideo.recipes.tiny_wan.assemble`` turns
 a finished folder into ``assets/tiny-wan``.
 
-Five GPU jobs of at most 10 minutes each
-----------------------------------------
+Three GPU jobs of at most 10 minutes each
+-----------------------------------------
 
-The recipe for ``assets/tiny-wan`` (about 45 minutes of one H100 in all, 38 of them training; the 2026-11-23
-model ran job 3 on an H200). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and
+The recipe for ``assets/tiny-wan`` (2026-11-24: 27 minutes of one H100 in all, package installs included; 24 of
+them in the training stages). The GPU machine needs, besides torch, transformers, tokenizers, safetensors and
 huggingface_hub: ``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``scikit-image==0.26.0`` (its
 sample photographs; it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``).
 Without a network there, carry the wheels in a folder ``.whl/`` and install them first. Where what a job may
@@ -83,51 +83,38 @@ carry is capped (this project's GPU tool: 64 MiB, the 45 MiB tracked tree includ
 those three, the scikit-image one repacked without the sample files the recipe does not read (about 15 MiB in
 all); a resumed job's ``.tw1`` (about 17 MiB) then no longer fits beside them, but the previous job
 assembled into the working tree's ``assets/tiny-wan`` (in place of the shipped files, uncommitted) does, and
-``assemble --unpack`` rebuilds ``.tw1`` from it on the GPU machine (below). ``$OUT`` is the folder whose files
-the job returns. Between jobs, copy the previous job's files to ``.tw1/`` *without* the
-two ``optim_*`` files (smaller to carry; the stage re-warms its learning rate), or assemble them into
-``assets/tiny-wan`` and rebuild ``.tw1`` on the GPU machine with ``assemble --unpack`` (below). Every job
-starts with::
+``assemble --unpack --from assets/tiny-wan --to .tw1`` rebuilds ``.tw1`` from it on the GPU machine (the
+shipped model's jobs 2 and 3 did this). ``$OUT`` is the folder whose files the job returns. Every job starts
+with::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 
-Job 1: VAE 5 min, then text encoder + transformer until 50 s before the 9.3-minute cap, evaluation, save
-(a complete model)::
+Job 1: the VAE (3.2 min, about 1,000 steps), its decoder alone on whole frames (1.1 min; the 128-pixel crops
+of stage 1 leave the 256x256 decode with colour casts), then text encoder + transformer until shortly before
+the cap (a complete model, not evaluated)::
 
-    python3 -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 --device cuda \\
-        --vae-minutes 5.0 --dit-minutes 5 --total-minutes 9.3
+    python3 -m sagevideo.recipes.tiny_wan.train --out $OUT --seed 0 --device cuda --vae-minutes 3.2 \\
+        --vae-decoder-minutes 1.1 --dit-minutes 9 --latent-reuse 16 --total-minutes 9.25 --no-eval
 
-Job 2: the decoder fine-tune on whole frames (2 min; the 128-pixel crops of stage 1 leave the 256x256
-decode with colour casts), then about 6 more minutes of text encoder + transformer::
-
-    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --vae-decoder-minutes 2.0 --more-dit-minutes 7 --total-minutes 9.3
-
-Jobs 3-5: about 8 more minutes of text encoder + transformer each, jobs 4 and 5 with the training noise
-levels shifted up to the sampler's shift (``--dit-shift 3``, which job 5 keeps)::
+Jobs 2 and 3: about 7.5 more minutes of text encoder + transformer each (learning-rate re-warmup, then a new
+cool-down), the training noise levels shifted up to the sampler's shift from job 2 on (``--dit-shift 3``)::
 
     python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3                # job 3
+        --more-dit-minutes 9 --latent-reuse 32 --dit-shift 3 --total-minutes 9.1   # job 2
     python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --more-dit-minutes 8 --latent-reuse 8 --dit-shift 3 --total-minutes 9.3  # job 4
-    python3 -m sagevideo.recipes.tiny_wan.train --resume .tw1 --out $OUT --seed 0 --device cuda \\
-        --more-dit-minutes 8 --latent-reuse 8 --total-minutes 9.3                # job 5
+        --more-dit-minutes 9 --latent-reuse 16 --total-minutes 9.1                 # job 3
 
-Colour words are followed after job 1; direction words last, one axis at a time (after job 3, ~5,100
-transformer steps: only "left"; after job 4, ~8,800: left and right; after job 5, ~12,700: all four).
+Colour words are followed early; direction words last: after job 2 (8,529 transformer steps, 18 minutes) the
+object moved the stated way for 6/8 held-out prompts at 17x128x128, and the CPU tests of direction and shape
+words failed; after job 3 (14,302 steps) 8/8, and every test passes. The previous recipe (2026-11-23: five jobs,
+38 minutes of training) ran the VAE through ``AutoencoderKLWan``'s chunked passes, 7 minutes for its VAE stages;
+with the whole-clip passes (:mod:`.vae`) they took 4.3 minutes, and fewer steps (987 + 213 against 1,238 + 301)
+gave a VAE at least as good (20.96 against 20.22 dB held-out PSNR; the GPU's VAE stage is not bitwise
+reproducible, and the same budget has given results 2 dB apart).
 
-A shorter variant (2026-11-24, not the shipped model; ``benchmarks/RESULTS.md``, seventh session): three
-jobs, 26 minutes in all, with the data prefetched and a latent reuse of 16 (80-87 ms a transformer step
-against 93-118): job 1 as above with ``--vae-minutes 3.5 --vae-decoder-minutes 1.0 --dit-minutes 9
---latent-reuse 16 --no-eval --total-minutes 9.5``, job 2 ``--more-dit-minutes 9 --latent-reuse 16 --dit-shift 3
---total-minutes 9.5``, job 3 ``--more-vae-decoder-minutes 1.5 --more-dit-minutes 9 --latent-reuse 16
---total-minutes 9.3``. It reached colour and direction 8/8 at 17x128x128 after 11,240 transformer steps, but
-its VAE came out 1.7 dB worse than the same VAE budget gave the day before (colour casts at 33x256x256), and
-its shape words fell one ordering short of the test's 24 of 26.
-
-Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN5 --to assets/tiny-wan``
-(RUN5: job 5's files). Any finished job's files assemble into a complete, shorter-trained model. To train
+Then, on any machine: ``python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan``
+(RUN3: job 3's files). Any finished job's files assemble into a complete, shorter-trained model. To train
 the shipped model further, ``python -m sagevideo.recipes.tiny_wan.assemble --unpack --from assets/tiny-wan
 --to .tw1`` rebuilds its training folder (the same fp16 weights, state and tokenizer; ``assets/tiny-wan/training``
 keeps the record), and a job like job 3 resumes from it.
@@ -221,7 +208,6 @@ def process_start_time() -> float:
 
 
 MAX_LATENT_REUSE = 8
-ENCODE_MAX_BATCH = 16  # clips per whole-clip VAE encode of a transformer batch (memory: ~9 GiB at 33x256x256)
 COOLDOWN_FRACTION = 0.2  # final share of each stage's steps over which the LR decays linearly
 FINAL_LR_FACTOR = 0.02
 BUDGET_SAFETY = 0.93  # planned steps = safety * remaining time / measured step time
@@ -855,7 +841,7 @@ class Trainer:
         video, captions, _, cover = D.make_clips(self.renderer, self.args.seed, "dit", data_step, b["batch"],
                                                  b["frames"], b["height"], b["width"], with_mask=True)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-            z = V.encode(self.vae, video, max_batch=ENCODE_MAX_BATCH).mode()
+            z = V.encode(self.vae, video, max_batch=V.ENCODE_MAX_BATCH).mode()
         weight = 1.0 + c["dit_object_weight"] * latent_grid_mask(cover, z.shape[-3:])
         return M.normalize_latents(self.vae, z.float()), captions, weight
 
