@@ -306,7 +306,8 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "   chunked encode/decode (`sagevideo/recipes/tiny_wan/vae.py`, tested against it). Then",
         "   per-channel latent mean/std (stored in the VAE config as `latents_mean`/`latents_std`, which",
         "   WanPipeline uses).",
-        "2. VAE decoder fine-tune (job 1, after the VAE): the encoder frozen, so the latent space, its statistics and the",
+        "2. VAE decoder fine-tune (job 1, after the VAE): the encoder frozen, so the latent space, its statistics "
+        "and the",
         "   transformer trained on it stay valid; whole frames at the generation sizes (" + ", ".join(
             f"{b['batch']} clips of {b['frames']}x{b['height']}x{b['width']}" for b in full["vae_dec_buckets"]) +
         ", alternately),",

@@ -11,10 +11,11 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
    and 128 (objects at both generation scales), with fewer photo backgrounds than the transformer sees;
    L1 + L2 weighted up on the objects' own pixels (the renderer's coverage mask), + image-gradient L1 + a
    small KL, through whole-clip passes that equal the pipeline's causal chunked encode/decode
-   (:mod:`.vae`: the same modules, a third faster to train), so what is trained is what the pipeline runs. Afterwards: per-channel latent mean/std (written into the VAE config, as the pipeline
-   expects), reconstruction PSNR on held-out clips at the default size, and the evaluation's colour /
-   direction checks on correct answers to the held-out prompts passed through the VAE
-   (:func:`evaluate.heldout_reference`: the best any transformer could score with this VAE).
+   (:mod:`.vae`: the same modules, a third faster to train), so what is trained is what the pipeline runs.
+   Afterwards: per-channel latent mean/std (written into the VAE config, as the pipeline expects),
+   reconstruction PSNR on held-out clips at the default size, and the evaluation's colour / direction checks
+   on correct answers to the held-out prompts passed through the VAE (:func:`evaluate.heldout_reference`: the
+   best any transformer could score with this VAE).
 1b. **Decoder fine-tune** (``--vae-decoder-minutes``) - the decoder alone on whole frames at the
    generation sizes, decoding the posterior mode; the encoder, hence the latent space and a transformer
    trained on it, does not change.
