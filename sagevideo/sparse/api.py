@@ -173,11 +173,11 @@ GRAPH_MAX_ROWS = 1 << 21
 #:   step, 2.65× every 3; CogVideoX-5B 1.15×, 1.38×. A whole Wan2.1-1.3B forward (``benchmarks/pipeline.py``,
 #:   random weights, every head spatial): 1.28× SDPA, 1.49× every 3.
 #:
-#: Fidelity: the semantic rows' sampled cosine against dense attention moved by at most 0.0008 with the interval
-#: on those inputs. On the bundled model (CPU ``sagevideo compare``) reuse did not lower the PSNR against dense:
-#: semantic 39.28 / 39.79 / 39.76 dB every 1 / 2 / 5 steps, spatiotemporal 39.66 / 38.97 / 40.44 / 40.54 dB every
-#: 1 / 2 / 3 / 5. Sparse VideoGen and Sparse VideoGen 2 re-plan every step. Where memory is tight, pass an
-#: interval of 1 (nothing is held but the centroids) or call :meth:`SparseState.drop_plans` between videos.
+#: Fidelity: the semantic rows' sampled cosine against dense attention moved by at most 0.0008 with the interval on
+#: those inputs. On the bundled model (its 2026-11-23 weights; CPU ``sagevideo compare``) reuse did not lower the PSNR
+#: against dense: semantic 39.28 / 39.79 / 39.76 dB every 1 / 2 / 5 steps, spatiotemporal 39.66 / 38.97 / 40.44 /
+#: 40.54 dB every 1 / 2 / 3 / 5. Sparse VideoGen and Sparse VideoGen 2 re-plan every step. Where memory is tight, pass
+#: an interval of 1 (nothing is held but the centroids) or call :meth:`SparseState.drop_plans` between videos.
 DEFAULT_REPLAN_EVERY = 3
 
 

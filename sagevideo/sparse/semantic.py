@@ -79,9 +79,9 @@ def default_clusters(video_tokens: int, block_m: int, block_n: int) -> tuple[int
       138 / 275 (this rule) → 1.30×, cos 0.9883, density 0.11.
     - Wan2.1-14B and HunyuanVideo 720p: 300 / 1000 either way.
 
-    Why the floor: with very few clusters the top-p budget is coarse. On the bundled model (2,304 tokens, CPU
-    ``sagevideo compare``, the shipped semantic schedule): 300 / 1000 → 39.28 dB PSNR against dense, 128 / 256
-    → 39.16, 64 / 128 → 37.33, 18 / 36 (one cluster per tile, no floor) → 34.36. On a GPU the floor leaves
+    Why the floor: with very few clusters the top-p budget is coarse. On the bundled model (its 2026-11-23 weights,
+    2,304 tokens, CPU ``sagevideo compare``, the shipped semantic schedule): 300 / 1000 → 39.28 dB PSNR against dense,
+    128 / 256 → 39.16, 64 / 128 → 37.33, 18 / 36 (one cluster per tile, no floor) → 34.36. On a GPU the floor leaves
     such short videos to the tile rule, which sends their heads to the dense op.
     """
     nv = max(1, int(video_tokens))

@@ -31,8 +31,8 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanResample
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-# clips per whole-clip encode of a transformer batch: the peak at 64 x 33x256x256 (bf16) falls from 30 to 9 GiB
-# at the same speed (H100)
+# clips per whole-clip encode of a transformer batch: the peak at 64 x 33x256x256 (bf16) falls from 40 to 12 GiB
+# at the same speed (H100; the chunked pipeline encode peaks at 10)
 ENCODE_MAX_BATCH = 16
 
 
