@@ -481,7 +481,7 @@ def _overfit_scene(shape: str, colour: str, direction: str, pos0: tuple[float, f
                    background="solid", bg_a=bg, bg_b=bg, objects=[obj])
 
 
-def overfit_and_generate(out, guidance: float = 5.0, steps: int = OVERFIT_STEPS) -> dict:
+def overfit_and_generate(out, guidance: float = 1.0, steps: int = OVERFIT_STEPS) -> dict:
     """Train the recipe's text encoder + transformer stage on two fixed clips, then generate both captions
     with WanPipeline assembled from the saved folder. Returns the clips' VAE latents, the latents the
     pipeline handed to ``vae.decode`` and the decoded videos (also used by hand to check that the test fails
@@ -498,8 +498,12 @@ def overfit_and_generate(out, guidance: float = 5.0, steps: int = OVERFIT_STEPS)
     # The VAE's one step is pinned to plain L1/L2 on the default background mix: the clips' latents (what the
     # transformer must memorise) then do not move with the recipe's VAE-stage settings. The error bounds
     # below were set on these latents; other one-step VAEs give other, sometimes less separable, latents.
+    # No caption dropout: with two clips, the dropped captions' pull towards their mean made the outcome chaotic
+    # (2026-11-24, on an AMD EPYC CI machine: whether the first clip was memorised at all flipped with the
+    # CPU's vector width and the step count); the empty prompt's conditioning is checked exactly by
+    # test_training_attention_equals_pipeline_conditioning.
     trainer.cfg.update(dit_buckets=[dict(frames=f, height=h, width=w, batch=2, weight=1.0)], dit_lr=1e-3,
-                       log_every=200, vae_backgrounds=(0.4, 0.2, 0.4), vae_object_weight=0.0)
+                       caption_dropout=0.0, log_every=200, vae_backgrounds=(0.4, 0.2, 0.4), vae_object_weight=0.0)
     # one step: a fixed, barely trained VAE (the comparison is in latent space). It runs through the pipeline's
     # chunked passes, on which the bounds were set: AdamW's first step is about lr * sign(gradient), so the
     # rounding-level differences of the recipe's equal whole-clip passes give another VAE, and other latents.
@@ -535,16 +539,17 @@ def overfit_and_generate(out, guidance: float = 5.0, steps: int = OVERFIT_STEPS)
 
 
 def test_overfit_two_clips_then_wanpipeline_generates_them(tmp_path, renderer, monkeypatch):
-    """End to end: the recipe's own transformer stage (``Trainer.train_dit``: compact conditioning, caption
-    dropout, noise levels, loss, fp16 checkpoint) memorises two fixed clips with their captions; then
-    ``WanPipeline`` assembled from the saved folder the way ``assemble.py`` does, called the way the
-    evaluation calls it (20 steps, guidance 5, the empty negative prompt), generates each caption's own clip.
+    """End to end: the recipe's own transformer stage (``Trainer.train_dit``: compact conditioning, noise
+    levels, loss, fp16 checkpoint) memorises two fixed clips with their captions; then ``WanPipeline``
+    assembled from the saved folder the way ``assemble.py`` does, called through the evaluation's
+    ``generate`` (20 steps, guidance 1), generates each caption's own clip.
 
     Compared in latent space (the VAE had one training step): the latent the pipeline hands to ``vae.decode``
     against each clip's own VAE latent, both standardised with statistics computed here (not with the
     recipe's ``normalize_latents``, so a normalisation that the pipeline's decode does not invert fails).
-    Guidance 5 overshoots the difference between the two clips by about 2x, as classifier-free guidance does,
-    hence the loose absolute bound; without guidance the same model lands within a few percent (by hand)."""
+    Measured 2026-11-24 on three CPU vector widths (AVX-512, AVX2, none): own-clip errors 0.04-0.07 against
+    0.24-0.26 to the other clip, ``towards_own`` 0.70-0.96 in size. Guidance 5 with caption dropout is not
+    used: over two clips its outcome was chaotic (see ``overfit_and_generate``)."""
     from sagevideo.recipes.tiny_wan import model as M
 
     for key, value in OVERFIT_TRANSFORMER.items():
@@ -563,7 +568,7 @@ def test_overfit_two_clips_then_wanpipeline_generates_them(tmp_path, renderer, m
     towards_own = [float(((z[i] - target.mean(0)) * diff).sum() / (0.5 * diff.pow(2).sum())) for i in range(2)]
     assert towards_own[0] > 0.5 and towards_own[1] < -0.5, (towards_own, errors)  # +-1: exactly clip 0 / clip 1
     for i in range(2):
-        assert errors[i][i] < 0.4 and errors[i][i] < 0.45 * errors[i][1 - i], (i, errors)
+        assert errors[i][i] < 0.15 and errors[i][i] < 0.4 * errors[i][1 - i], (i, errors)
 
 
 def test_object_coverage_and_its_latent_grid_pooling():
