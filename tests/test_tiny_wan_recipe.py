@@ -182,7 +182,7 @@ def tokenizer():
     return M.wrap_tokenizer(M.train_tokenizer())
 
 
-def test_compact_cross_attention_equals_pipeline_conditioning(tokenizer):
+def test_training_attention_equals_pipeline_conditioning(tokenizer):
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     from sagevideo.recipes.tiny_wan import model as M
@@ -205,7 +205,7 @@ def test_compact_cross_attention_equals_pipeline_conditioning(tokenizer):
         ref = transformer(hidden_states=x, timestep=t, encoder_hidden_states=pipe_embeds, return_dict=False)[0]
         emb, bias = M.encode_prompts_compact(text_encoder, tokenizer, prompts, "cpu")
         assert emb.shape[1] % 8 == 0 and emb.shape[1] < 64 and bias.shape == (3, 1, 1, emb.shape[1])
-        with M.compact_cross_attention(transformer) as set_bias:
+        with M.training_attention(transformer) as set_bias:
             set_bias(bias)
             out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=emb, return_dict=False)[0]
             # a fixed, larger number of slots (what training uses to keep compiled shapes fixed): same result
@@ -216,7 +216,43 @@ def test_compact_cross_attention_equals_pipeline_conditioning(tokenizer):
     assert ref.abs().max() > 0.1
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(out64, ref, rtol=0, atol=1e-5)
-    assert all(type(b.attn2.processor) is WanAttnProcessor for b in transformer.blocks)  # restored on exit
+    # restored on exit
+    assert all(type(b.attn1.processor) is type(b.attn2.processor) is WanAttnProcessor for b in transformer.blocks)
+
+
+def test_training_self_attention_equals_the_stock_processor():
+    """Training runs the blocks' self-attention through ``model._SelfAttention`` (RoPE as stack + flatten, which
+    ``torch.compile`` fuses far better than the stock strided writes). It must compute what the pipeline's stock
+    processor computes, values and gradients, or the transformer would be trained as another model."""
+    from sagevideo.recipes.tiny_wan import model as M
+
+    torch.manual_seed(0)
+    transformer = M.build_transformer().double()
+    with torch.no_grad():  # away from the init (zero output projection, unit norms), so every path carries signal
+        for p in transformer.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(2, 16, 3, 6, 10, dtype=torch.float64)  # latent grid 3x3x5 after the (1, 2, 2) patches
+    t = torch.tensor([100.0, 700.0], dtype=torch.float64)
+    enc = torch.randn(2, 7, M.TEXT_DIM, dtype=torch.float64)
+
+    def run():
+        transformer.zero_grad(set_to_none=True)
+        out = transformer(hidden_states=x, timestep=t, encoder_hidden_states=enc, return_dict=False)[0]
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in transformer.named_parameters() if p.grad is not None}
+
+    ref, ref_grads = run()
+    with M.training_attention(transformer):  # no bias set: the cross-attention is the stock one
+        out, grads = run()
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert grads.keys() == ref_grads.keys() and any("attn1.to_q" in n for n in grads)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=0, atol=1e-10, msg=n)
+    attn1 = transformer.blocks[0].attn1
+    rope = (torch.zeros(1, 4, 1, 64), torch.zeros(1, 4, 1, 64))
+    with M.training_attention(transformer), pytest.raises(ValueError, match="self-attention"):
+        attn1.processor(attn1, torch.zeros(1, 4, 256), torch.zeros(1, 2, 256), rotary_emb=rope)  # a text input
 
 
 def test_whole_clip_vae_passes_equal_the_pipelines_chunked_encode_and_decode():

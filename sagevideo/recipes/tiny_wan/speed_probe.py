@@ -136,7 +136,7 @@ def main(argv=None) -> None:
         opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
         captions = [s.caption for s in D.SceneSampler().batch(0, "dit", 0, max(args.dit_batches, default=1), 33, 256, 256)]
         tag = "dit compiled" if compiled else "dit eager"
-        with M.compact_cross_attention(tr) as set_bias:
+        with M.training_attention(tr) as set_bias:
             for (f, h, w) in ((9, 32, 32), (5, 16, 16)):
                 for batch in args.dit_batches:
                     if time.time() > t_end:

@@ -23,13 +23,14 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
    object covers, 10% caption dropout (so classifier-free guidance has an unconditional branch, the empty
    prompt the pipeline uses by default). Batches alternate between 64 clips of 33x256x256 (the default
    size) and 128 of 17x128x128 (the size the CPU tests use), half each; the blocks run under
-   ``torch.compile`` (``--compile``). Each batch of VAE latents serves 1-8 steps with fresh noise (picked
-   after calibration from the measured cost of render + encode against a transformer step, or fixed with
-   ``--latent-reuse``), because encoding a batch costs several transformer steps; the next batch is
-   rendered and encoded in a worker thread on its own CUDA stream while the current one trains
-   (``--prefetch``, :class:`Prefetcher`). The conditioning is the
-   pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
-   (:func:`model.encode_prompts_compact` + :class:`model.compact_cross_attention`, checked against the
+   ``torch.compile`` (``--compile``), their self-attention written in a form that compiles to faster
+   kernels and computes the same values (:class:`model.training_attention`). Each batch of VAE latents
+   serves 1-8 steps with fresh noise (picked after calibration from the measured cost of render + encode
+   against a transformer step, or fixed with ``--latent-reuse``), because encoding a batch costs several
+   transformer steps; the next batch is rendered and encoded in a worker thread on its own CUDA stream
+   while the current one trains (``--prefetch``, :class:`Prefetcher`). The conditioning is the pipeline's
+   (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
+   (:func:`model.encode_prompts_compact` + :class:`model.training_attention`, checked against the
    512-position form by ``tests/test_tiny_wan_recipe.py``), so short clips do not pay for 500 padding
    positions.
 
@@ -988,7 +989,7 @@ class Trainer:
         self._prefetch = Prefetcher(self._latent_batch, self.device, prefetch)
         self._cached, self._cached_step = None, None
         try:
-            with M.compact_cross_attention(self.transformer) as self._set_bias:
+            with M.training_attention(self.transformer) as self._set_bias:
                 opt, named = self._run_stage(
                     "dit", {"text_encoder": self.text_encoder, "transformer": self.transformer}, c["dit_lr"],
                     c["dit_warmup"], 0.01, minutes, None if st.get("extensions") else self.args.dit_steps,
