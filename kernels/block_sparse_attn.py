@@ -306,7 +306,7 @@ def chosen_configs() -> dict:
 def _pick_config(key, device, fallback: dict, launch) -> dict:
     """Time the candidates once per (GPU, *key); the split-query-block ones only for blocks of ≥ 128 rows."""
     cands = [c for c in CANDIDATES if c.get("SPLIT_M", 1) == 1 or key[3] >= 128]
-    return pick_fastest(_chosen, key, device, cands, fallback, launch)
+    return pick_fastest(_chosen, key, device, cands, fallback, launch, kernel="block_sparse_attn")
 
 
 def block_sparse_fwd(

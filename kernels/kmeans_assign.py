@@ -158,7 +158,7 @@ def chosen_configs() -> dict:
 
 
 def _pick_config(key, device, fallback: dict, launch) -> dict:
-    return pick_fastest(_chosen, key, device, CANDIDATES, fallback, launch)
+    return pick_fastest(_chosen, key, device, CANDIDATES, fallback, launch, kernel="kmeans_assign")
 
 
 def kmeans_assign(

@@ -195,7 +195,7 @@ def _pick_config(qkv: QuantizedQKV, masked: bool, launch) -> dict:
     """Time the candidates once per (GPU, head_dim, mode, masked) on the call's own operands; keep the best."""
     fallback = default_config(qkv.q.shape[-1], qkv.precision == "int8-fp8")
     return pick_fastest(_chosen, (qkv.q.shape[-1], qkv.precision, masked), qkv.q.device, CANDIDATES, fallback,
-                        launch)
+                        launch, kernel="quant_attn")
 
 
 def attention_fwd(

@@ -3,12 +3,14 @@
 * On a machine without CUDA, Triton kernels run under the Triton interpreter (``TRITON_INTERPRET=1``), set
   here before any kernel module is imported, so CI covers them on tiny shapes.
 * Tests marked ``gpu`` are skipped without CUDA; run them on a GPU machine (``pytest -m gpu``).
+* ``SAGEVIDEO_CACHE_DIR`` points at a fresh temporary folder, so no test sees or leaves kernel tuning choices.
 """
 
 import contextlib
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# the kernels' tuning choices (kernels/_autotune.py) go to a throwaway folder: the suite neither reads a user's
+# cache (every GPU run times its candidates afresh) nor writes one
+os.environ["SAGEVIDEO_CACHE_DIR"] = tempfile.mkdtemp(prefix="sagevideo-test-cache-")
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -164,15 +164,65 @@ def test_pick_fastest_times_once_skips_failures_and_falls_back(monkeypatch):
 
     monkeypatch.setattr(_autotune, "_elapsed_ms", lambda fn, device: fn())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setenv("SAGEVIDEO_AUTOTUNE_CACHE", "0")  # in-process behaviour only (the file: the next test)
     cuda = torch.device("cuda")
     chosen = {}
     cands = [{"id": 1}, {"id": 2}, {"id": 3}]
-    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
-    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch) == {"id": 2}
+    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch, kernel="t") == {"id": 2}
+    assert pick_fastest(chosen, ("k",), cuda, cands, {"id": 0}, launch, kernel="t") == {"id": 2}
     assert calls == [1, 2, 3] * (1 + ROUNDS) and list(chosen) == [((9, 0), "k")]  # interleaved, timed once
     calls.clear()
     broken = [{"id": 1}, {"id": 2, "broken": True}, {"id": 3}]
-    assert pick_fastest(chosen, ("other",), cuda, broken, {"id": 0}, launch) == {"id": 3}
+    assert pick_fastest(chosen, ("other",), cuda, broken, {"id": 0}, launch, kernel="t") == {"id": 3}
     assert calls == [1, 2, 3] + [1, 3] * ROUNDS  # a candidate that fails its first run is not timed
-    assert pick_fastest(chosen, ("none",), cuda, [{"id": 2, "broken": True}], {"id": 0}, launch) == {"id": 0}
-    assert pick_fastest(chosen, ("cpu",), torch.device("cpu"), cands, {"id": 0}, launch) == {"id": 0}
+    none = [{"id": 2, "broken": True}]
+    assert pick_fastest(chosen, ("none",), cuda, none, {"id": 0}, launch, kernel="t") == {"id": 0}
+    assert pick_fastest(chosen, ("cpu",), torch.device("cpu"), cands, {"id": 0}, launch, kernel="t") == {"id": 0}
+
+
+def test_pick_fastest_keeps_its_choices_for_the_next_process(monkeypatch, tmp_path):
+    """A new process (an empty in-memory cache) takes a choice from the file instead of timing again, but only
+    for the same kernel, key, GPU model and candidate list; SAGEVIDEO_AUTOTUNE_CACHE=0 neither reads nor writes
+    the file; an unreadable file is timed over and replaced."""
+    from sagevideo.kernels import _autotune
+    from sagevideo.kernels._autotune import pick_fastest
+
+    speed = {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5}
+    calls = []
+
+    def launch(cand):
+        calls.append(cand["id"])
+        return speed[cand["id"]]
+
+    monkeypatch.setenv("SAGEVIDEO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("SAGEVIDEO_AUTOTUNE_CACHE", raising=False)
+    monkeypatch.setattr(_autotune, "_elapsed_ms", lambda fn, device: fn())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    gpu = {"name": "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu["name"])
+    cuda, fallback = torch.device("cuda"), {"id": 0, "num_warps": 4}
+    cands = [{"id": 1, "num_warps": 4}, {"id": 2, "num_warps": 8}, {"id": 3, "num_warps": 8}]
+
+    def pick(key=("k", 128), candidates=cands, kernel="quant_attn"):
+        calls.clear()
+        choice = pick_fastest({}, key, cuda, candidates, fallback, launch, kernel=kernel)  # {}: a new process
+        return choice, bool(calls)
+
+    assert pick() == (cands[1], True)
+    assert _autotune.cache_path() == tmp_path / "cache" / "autotune.json" and _autotune.cache_path().exists()
+    assert pick() == (cands[1], False)  # the next process: from the file, nothing launched
+    assert pick(kernel="block_sparse_attn") == (cands[1], True)
+    assert pick(key=("k", 64)) == (cands[1], True)
+    assert pick(candidates=[cands[0], cands[2], {"id": 4, "num_warps": 4}]) == ({"id": 4, "num_warps": 4}, True)
+    gpu["name"] = "NVIDIA H200"
+    assert pick() == (cands[1], True)
+    assert pick() == (cands[1], False)
+    monkeypatch.setenv("SAGEVIDEO_AUTOTUNE_CACHE", "0")
+    assert _autotune.cache_path() is None
+    monkeypatch.delenv("SAGEVIDEO_AUTOTUNE_CACHE")
+    (tmp_path / "cache" / "autotune.json").write_text("{not json")
+    assert pick() == (cands[1], True)
+    assert pick() == (cands[1], False)  # rewritten whole
+    monkeypatch.setenv("SAGEVIDEO_AUTOTUNE_CACHE", "0")
+    assert pick() == (cands[1], True)  # the file is not read
