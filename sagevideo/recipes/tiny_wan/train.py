@@ -82,12 +82,13 @@ huggingface_hub: ``diffusers==0.42.1`` (and its ``importlib_metadata``) and ``sc
 sample photographs; it needs scipy, networkx, pillow, imageio, tifffile, packaging, ``lazy-loader``).
 Without a network there, carry the wheels in a folder ``.whl/`` and install them first. Where what a job may
 carry is capped (this project's GPU tool: 64 MiB, the 45 MiB tracked tree included, 2026-11-24), carry only
-those three, the scikit-image one repacked without the sample files the recipe does not read (about 15 MiB in
-all); a resumed job's ``.tw1`` (about 17 MiB) then no longer fits beside them, but the previous job
-assembled into the working tree's ``assets/tiny-wan`` (in place of the shipped files, uncommitted) does, and
-``assemble --unpack --from assets/tiny-wan --to .tw1`` rebuilds ``.tw1`` from it on the GPU machine (the
-shipped model's jobs 2 and 3 did this). ``$OUT`` is the folder whose files the job returns. Every job starts
-with::
+what the machine lacks: that tool's image has scikit-image 0.26.0, so diffusers and importlib_metadata
+(6 MiB) were enough on 2026-11-24 (the shipped model's jobs carried scikit-image too, repacked without the
+sample files the recipe does not read: 15 MiB). A resumed job's ``.tw1`` without its ``optim_*`` files is
+about 17 MiB; where it does not fit, the previous job assembled into the working tree's ``assets/tiny-wan``
+(in place of the shipped files, uncommitted) does, and ``assemble --unpack --from assets/tiny-wan --to
+.tw1`` rebuilds ``.tw1`` from it on the GPU machine (the shipped model's jobs 2 and 3 did this). ``$OUT``
+is the folder whose files the job returns. Every job starts with::
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl &&
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
