@@ -234,18 +234,22 @@ def encode_prompts_compact(text_encoder, tokenizer, prompts: list[str], device,
     prompts = [prompt_clean(p) for p in prompts]
     enc = tokenizer(prompts, padding="longest", max_length=max_sequence_length, truncation=True,
                     add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
-    ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
+    ids, mask = enc.input_ids, enc.attention_mask
+    # K: >= 1 zero slot, a multiple of 8, at least min_slots. The ids are padded to K (masked) before the
+    # encoder, so the encoder's shapes are fixed too (training compiles it); masked positions change nothing in
+    # the real tokens' states, and their own states are zeroed below, as the zero slots are.
+    longest = ids.shape[1]
+    k = max(longest + 8 - longest % 8, min_slots)
+    ids = torch.nn.functional.pad(ids, (0, k - longest), value=tokenizer.pad_token_id)
+    mask = torch.nn.functional.pad(mask, (0, k - longest), value=0)
+    ids, mask = ids.to(device), mask.to(device)
     hidden = text_encoder(ids, mask).last_hidden_state
     hidden = hidden * mask[..., None].to(hidden.dtype)
-    extra = 8 - hidden.shape[1] % 8  # >= 1 zero slot, and a key length that is a multiple of 8
-    extra = max(extra, min_slots - hidden.shape[1])
-    hidden = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], extra, hidden.shape[2])], dim=1)
     lengths = mask.sum(dim=1).float()  # real tokens per prompt
-    slots = hidden.shape[1] - lengths  # zero slots in the compact form (>= 1)
+    slots = k - lengths  # zero slots in the compact form (>= 1)
     copies = (max_sequence_length - lengths).clamp_min(1.0)  # zero rows in the 512-position form
     pad_bias = torch.log(copies / slots)  # [B]
-    is_pad = torch.cat([mask == 0, torch.ones_like(mask[:, :1], dtype=torch.bool).expand(-1, extra)], dim=1)
-    bias = torch.where(is_pad, pad_bias[:, None], torch.zeros_like(pad_bias)[:, None])
+    bias = torch.where(mask == 0, pad_bias[:, None], torch.zeros_like(pad_bias)[:, None])
     return hidden, bias[:, None, None, :].float()
 
 

@@ -129,9 +129,9 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         te = M.build_text_encoder(len(tok)).to(dev)
         tr = M.build_transformer().to(dev)
-        if compiled:
-            for blk in tr.blocks:
-                blk.compile()
+        if compiled:  # as the recipe does (train.Trainer._compile_blocks)
+            for m in (*tr.blocks, te):
+                m.compile()
         params = list(te.parameters()) + list(tr.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
         captions = [s.caption for s in D.SceneSampler().batch(0, "dit", 0, max(args.dit_batches, default=1), 33, 256, 256)]
@@ -149,7 +149,7 @@ def main(argv=None) -> None:
                         sig = M.sample_sigmas(batch, g, dev)
                         noisy, ts, target = M.flow_targets(lat, torch.randn_like(lat), sig)
                         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                            emb, bias = M.encode_prompts_compact(te, tok, caps, dev)
+                            emb, bias = M.encode_prompts_compact(te, tok, caps, dev, min_slots=64)
                             set_bias(bias)
                             pred = tr(hidden_states=noisy, timestep=ts, encoder_hidden_states=emb, return_dict=False)[0]
                         loss = F.mse_loss(pred.float(), target)

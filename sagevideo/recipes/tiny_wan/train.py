@@ -22,14 +22,14 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
 2. **Text encoder + transformer** jointly, rectified-flow velocity loss weighted up on the latent cells an
    object covers, 10% caption dropout (so classifier-free guidance has an unconditional branch, the empty
    prompt the pipeline uses by default). Batches alternate between 64 clips of 33x256x256 (the default
-   size) and 128 of 17x128x128 (the size the CPU tests use), half each; the blocks run under
-   ``torch.compile`` (``--compile``), their self-attention written in a form that compiles to faster
-   kernels and computes the same values (:class:`model.training_attention`). Each batch of VAE latents
-   serves 1-8 steps with fresh noise (picked after calibration from the measured cost of render + encode
-   against a transformer step, or fixed with ``--latent-reuse``), because encoding a batch costs several
-   transformer steps; the next batch is rendered and encoded in a worker thread on its own CUDA stream
-   while the current one trains (``--prefetch``, :class:`Prefetcher`). The conditioning is the pipeline's
-   (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
+   size) and 128 of 17x128x128 (the size the CPU tests use), half each; the text encoder and the
+   transformer blocks run under ``torch.compile`` (``--compile``), the blocks' self-attention written in a
+   form that compiles to faster kernels and computes the same values (:class:`model.training_attention`).
+   Each batch of VAE latents serves 1-8 steps with fresh noise (picked after calibration from the measured
+   cost of render + encode against a transformer step, or fixed with ``--latent-reuse``), because encoding
+   a batch costs several transformer steps; the next batch is rendered and encoded in a worker thread on its
+   own CUDA stream while the current one trains (``--prefetch``, :class:`Prefetcher`). The conditioning is
+   the pipeline's (text states zero-padded to 512 positions) computed in an exactly equivalent compact form
    (:func:`model.encode_prompts_compact` + :class:`model.training_attention`, checked against the
    512-position form by ``tests/test_tiny_wan_recipe.py``), so short clips do not pay for 500 padding
    positions.
@@ -923,18 +923,21 @@ class Trainer:
         return min(10.0, reserve) if self.args.no_eval else reserve
 
     def _compile_blocks(self) -> list:
-        """``torch.compile`` the transformer blocks in place for training (CUDA; ``--compile``). Measured on an
-        H100 (``speed_probe``): 69 -> 54 ms per 32-clip step at 33x256x256 and 121 -> 60 ms at 64 clips, after
-        ~20 s of compilation per bucket. Returns the compiled blocks (to undo it afterwards)."""
+        """``torch.compile`` the transformer blocks and the text encoder in place for training (CUDA;
+        ``--compile``). Measured on an H100: the blocks, 121 -> 60 ms per 64-clip step at 33x256x256 after ~20 s
+        of compilation per bucket (``speed_probe``); the text encoder (its ids padded to ``text_slots``, one
+        shape), 73 -> 56 ms per 128-clip step at 17x128x128, whose step was bound by kernel launches (17th
+        session). Returns the compiled modules (to undo it afterwards)."""
         mode = self.args.compile
         on = self.device.type == "cuda" and self.cfg.get("compile", False) if mode == "auto" else mode == "on"
         if not on:
             return []
-        blocks = list(self.transformer.blocks)
-        for blk in blocks:
-            blk.compile()
-        self.log(f"[dit] torch.compile on the {len(blocks)} transformer blocks (compiled on first use per bucket)")
-        return blocks
+        modules = [*self.transformer.blocks, self.text_encoder]
+        for m in modules:
+            m.compile()
+        self.log(f"[dit] torch.compile on the {len(modules) - 1} transformer blocks and the text encoder (compiled "
+                 "on first use per bucket)")
+        return modules
 
     def train_dit(self) -> None:
         st = self.state["dit"]
@@ -998,8 +1001,8 @@ class Trainer:
                     reserve_s=self._final_reserve_s(), on_calibrated=self._adapt_reuse)
         finally:
             self._prefetch.close()
-            for blk in compiled:  # the evaluation and the saved model run the plain modules
-                blk._compiled_call_impl = None
+            for m in compiled:  # the evaluation and the saved model run the plain modules
+                m._compiled_call_impl = None
         pf = self._prefetch
         self.log(f"[dit] data: {pf.batches} batches, {pf.produce_s / max(1, pf.batches) * 1000:.0f} ms each to produce, "
                  f"the training loop waited {pf.stall_s:.1f}s for them in all (prefetch {'on' if pf.enabled else 'off'})")
