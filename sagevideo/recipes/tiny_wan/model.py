@@ -339,6 +339,18 @@ class training_attention:
         return False
 
 
+def compile_for_training(transformer, text_encoder) -> list:
+    """``torch.compile`` in place what the recipe's transformer stage compiles: the transformer blocks and the
+    text encoder. Measured on an H100: the blocks, 121 -> 60 ms per 64-clip step at 33x256x256 after ~20 s of
+    compilation per bucket (``speed_probe``); the text encoder (its ids padded to a fixed slot count by
+    :func:`encode_prompts_compact`, one shape), 73 -> 56 ms per 128-clip step at 17x128x128, whose step was bound
+    by kernel launches (17th session). Returns the modules; ``m._compiled_call_impl = None`` undoes it."""
+    modules = [*transformer.blocks, text_encoder]
+    for m in modules:
+        m.compile()
+    return modules
+
+
 def sample_sigmas(batch: int, generator: torch.Generator, device, shift: float = TRAIN_SHIFT) -> torch.Tensor:
     """Training noise levels: logit-normal (80%) / uniform (20%) u, then the flow shift
     ``s*u / (1 + (s-1)*u)`` the scheduler applies to its sigmas."""

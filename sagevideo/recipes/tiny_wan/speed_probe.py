@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from sagevideo.recipes.tiny_wan import data as D
 from sagevideo.recipes.tiny_wan import model as M
 from sagevideo.recipes.tiny_wan import vae as V
+from sagevideo.recipes.tiny_wan.train import PRESETS
 
 
 def _sync():
@@ -129,9 +130,9 @@ def main(argv=None) -> None:
         torch.manual_seed(0)
         te = M.build_text_encoder(len(tok)).to(dev)
         tr = M.build_transformer().to(dev)
-        if compiled:  # as the recipe does (train.Trainer._compile_blocks)
-            for m in (*tr.blocks, te):
-                m.compile()
+        if compiled:
+            M.compile_for_training(tr, te)
+        slots = PRESETS["full"]["text_slots"]  # the recipe's fixed text length
         params = list(te.parameters()) + list(tr.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4, fused=dev.type == "cuda")
         captions = [s.caption for s in D.SceneSampler().batch(0, "dit", 0, max(args.dit_batches, default=1), 33, 256, 256)]
@@ -149,7 +150,7 @@ def main(argv=None) -> None:
                         sig = M.sample_sigmas(batch, g, dev)
                         noisy, ts, target = M.flow_targets(lat, torch.randn_like(lat), sig)
                         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                            emb, bias = M.encode_prompts_compact(te, tok, caps, dev, min_slots=64)
+                            emb, bias = M.encode_prompts_compact(te, tok, caps, dev, min_slots=slots)
                             set_bias(bias)
                             pred = tr(hidden_states=noisy, timestep=ts, encoder_hidden_states=emb, return_dict=False)[0]
                         loss = F.mse_loss(pred.float(), target)

@@ -922,19 +922,14 @@ class Trainer:
         reserve = FINAL_RESERVE_S[self.args.preset]
         return min(10.0, reserve) if self.args.no_eval else reserve
 
-    def _compile_blocks(self) -> list:
-        """``torch.compile`` the transformer blocks and the text encoder in place for training (CUDA;
-        ``--compile``). Measured on an H100: the blocks, 121 -> 60 ms per 64-clip step at 33x256x256 after ~20 s
-        of compilation per bucket (``speed_probe``); the text encoder (its ids padded to ``text_slots``, one
-        shape), 73 -> 56 ms per 128-clip step at 17x128x128, whose step was bound by kernel launches (17th
-        session). Returns the compiled modules (to undo it afterwards)."""
+    def _compile_for_training(self) -> list:
+        """:func:`model.compile_for_training` on CUDA with ``--compile`` (auto: the preset's ``compile``);
+        returns the compiled modules (to undo it afterwards)."""
         mode = self.args.compile
         on = self.device.type == "cuda" and self.cfg.get("compile", False) if mode == "auto" else mode == "on"
         if not on:
             return []
-        modules = [*self.transformer.blocks, self.text_encoder]
-        for m in modules:
-            m.compile()
+        modules = M.compile_for_training(self.transformer, self.text_encoder)
         self.log(f"[dit] torch.compile on the {len(modules) - 1} transformer blocks and the text encoder (compiled "
                  "on first use per bucket)")
         return modules
@@ -988,7 +983,7 @@ class Trainer:
                  f"{[(b['frames'], b['height'], b['width'], b['batch'], b['weight']) for b in c['dit_buckets']]}, "
                  f"latent reuse {self._reuse_schedule()[-1][1]}, noise-level shift {self._shift_schedule()[-1][1]:g}, "
                  f"budget {minutes} min")
-        compiled = self._compile_blocks()
+        compiled = self._compile_for_training()
         prefetch = self.args.prefetch == "on" or (self.args.prefetch == "auto" and self.device.type == "cuda")
         self._prefetch = Prefetcher(self._latent_batch, self.device, prefetch)
         self._cached, self._cached_step = None, None
