@@ -237,3 +237,31 @@ def test_changing_only_the_shape_word_changes_the_silhouette(pipe, heldout_video
         if len(margins) > 1:
             assert np.mean(margins) >= MIN_MEAN_SHAPE_MARGIN, (
                 f"{stat} {hi}>{lo}: mean of {np.round(margins, 3).tolist()}\n{report}")
+
+
+# The shipped VAE (2026-11-24) was trained on 9-frame clips and its decoder fine-tuned on 17-frame ones. On the
+# held-out prompts' correct answers at 33x128x128 (CPU) its round trip keeps the hue within 10 degrees over frames
+# 0-16 (8/8 nearest the stated colour) but not over frames 21-32 (1/8; errors up to 110 degrees). Encoder and
+# decoder both drift there (RESULTS, eighteenth session). The recipe now trains both on 33-frame clips too; this
+# marker comes off with the first model trained that way that passes.
+@pytest.mark.xfail(strict=True, reason="known limit of the 2026-11-24 model: colour drifts late in 33-frame clips")
+def test_vae_keeps_colours_to_the_end_of_a_default_length_clip(pipe):
+    """Correct answers to the held-out prompts, 33 frames (the default length) at 128x128, encoded and decoded by
+    the bundled VAE: the objects' hue over the last 12 frames stays within reach of the rendered one (what the
+    pipeline can show at best at the default length)."""
+    from sagevideo.recipes.tiny_wan import data as D
+    from sagevideo.recipes.tiny_wan import evaluate as E
+
+    frames, size = 33, 128
+    renderer = D.Renderer(torch.device("cpu"), photo_size=256)
+    video = renderer.render(D.heldout_scenes(frames, size, size, 0), frames, size, size)
+    with torch.no_grad():
+        rec = torch.cat([pipe.vae.decode(pipe.vae.encode(video[i:i + 2]).latent_dist.mode()).sample
+                         for i in range(0, len(video), 2)])
+    prompts = D.heldout_prompts()
+    early = [E.check_video(E._frames(v)[:17], p["colour"]) for v, p in zip(rec, prompts)]
+    late = [E.check_video(E._frames(v)[21:], p["colour"]) for v, p in zip(rec, prompts)]
+    detail = [(p["colour"], round(a["hue_error"]), round(b["hue_error"])) for p, a, b in zip(prompts, early, late)]
+    # the early frames are the control: a round trip that loses colour everywhere is another failure
+    assert sum(r["colour_ok"] for r in early) >= 7, detail
+    assert sum(r["colour_ok"] for r in late) >= 7 and np.mean([r["hue_error"] for r in late]) < 15.0, detail

@@ -795,3 +795,27 @@ def test_model_card_describes_the_recorded_preset_not_the_current_one():
     assert vae_lr in card and vae_lr not in current
     # without a record (a card written before training) the current preset is described
     assert f"warmup {PRESETS['full']['dit_warmup']}" in model_card(None, None, "", None)
+
+
+def test_vae_stages_train_on_the_default_length_and_older_cards_state_what_ran():
+    """Both VAE stages of the real preset see clips of the default generation length (a causal VAE trained on
+    shorter clips drifts in colour late in a default-length clip: tests/test_bundled_model.py), and the card of a
+    run recorded before the VAE stage took buckets still describes its single clip length."""
+    from pathlib import Path
+
+    from sagevideo.recipes.tiny_wan import DEFAULT_FRAMES
+    from sagevideo.recipes.tiny_wan.assemble import model_card
+    from sagevideo.recipes.tiny_wan.train import PRESETS
+
+    full = PRESETS["full"]
+    assert max(b["frames"] for b in full["vae_buckets"]) >= DEFAULT_FRAMES
+    assert all(b["frames"] >= DEFAULT_FRAMES for b in full["vae_dec_buckets"])
+    assert f"16 clips of {DEFAULT_FRAMES} frames cropped to 96x96" in model_card(None, None, "", None)
+
+    state = json.loads((Path(__file__).resolve().parents[1] / "assets" / "tiny-wan" / "training" /
+                        "state.json").read_text())
+    old = {k: v for k, v in full.items() if k != "vae_buckets"}
+    state["configs"]["preset"] = dict(old, vae_batch=32, vae_frames=9, vae_crop=128, vae_renders=[256, 128])
+    card = model_card(state, None, "", None)
+    assert "32 clips of 9 frames cropped to 128x128 from 256x256 renders" in card
+    assert f"of {DEFAULT_FRAMES} frames cropped" not in card and "no clip as long as the default" in card

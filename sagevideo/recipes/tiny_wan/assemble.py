@@ -195,6 +195,21 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
 
     # the configuration the run recorded: a later change to the preset must not rewrite an older model's card
     full = dict(PRESETS["full"], **((state or {}).get("configs", {}).get("preset") or {}))
+    if "vae_renders" in full and "vae_buckets" not in ((state or {}).get("configs", {}).get("preset") or {}):
+        # a run from before the VAE stage took buckets (2026-11-24): one clip length and crop, two render sizes
+        vae_buckets = [dict(render=r, crop=full["vae_crop"], frames=full["vae_frames"], batch=full["vae_batch"])
+                       for r in full["vae_renders"]]
+    else:
+        vae_buckets = full["vae_buckets"]
+    late_drift_limit = [] if max(b["frames"] for b in vae_buckets) >= 33 else [
+        "* At the default 33 frames the last third of a video drifts: the object's colour and the background",
+        "  shift. The VAE alone does it: the held-out prompts' correct answers, encoded and decoded at 33x128x128,",
+        "  keep their hue over frames 0-16 (8/8) but not over frames 21-32 (1/8), and its encoder and its",
+        "  decoder both drift once a clip runs past the 9 and 17 frames they were trained on. On the held-out",
+        "  prompts (CPU, 20 steps, guidance 5; the 2026-11-24 model) the dominant hue is the stated colour in",
+        "  8/8 videos over frames 1-11 and in 2/8 over frames 22-32. At 17x128x128 the colours hold (8/8 above).",
+        "  The recipe has since added 33-frame clips to both VAE stages.",
+    ]
     if state:
         trained_min = sum(state.get(k, {}).get("seconds", 0.0) for k in ("vae", "vae_decoder", "dit")) / 60.0
         n_calls = len(state.get("calls", []))
@@ -294,10 +309,13 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "and 4/8 at 33x256x256, after the third (14,302 steps) for 8/8 and 7/8 (the evaluation below).",
         "",
         f"1. VAE: AdamW (lr {_sci(full['vae_lr'])}, warmup {full['vae_warmup']}, linear cool-down over the last 20%), "
-        f"batch {full['vae_batch']} clips of {full['vae_frames']} frames,",
-        f"   {full['vae_crop']}x{full['vae_crop']} crops of renders alternately "
-        f"{' and '.join(f'{r}x{r}' for r in full['vae_renders'])} (objects at both generation scales), "
-        "backgrounds",
+        "batches cycling through",
+        "   " + ", ".join(f"{b['batch']} clips of {b['frames']} frames cropped to {b['crop']}x{b['crop']} from "
+                          f"{b['render']}x{b['render']} renders" for b in vae_buckets) + ";",
+        "   renders at both generation sizes show objects at both scales"
+        + (", and the long clips cover the default generation length (a causal VAE trained on 9-frame clips only"
+           " drifts in colour after about 17 frames)." if max(b["frames"] for b in vae_buckets) >= 33 else
+           " (no clip as long as the default generation length: see Known limits).") + " Backgrounds",
         f"   {full['vae_backgrounds'][0]:.0%} solid / {full['vae_backgrounds'][1]:.0%} gradient / "
         f"{full['vae_backgrounds'][2]:.0%} photo, bf16 autocast; loss L1 + L2 weighted by",
         f"   1 + {full['vae_object_weight']:g} x object coverage (objects are ~3% of the pixels and what the prompts "
@@ -455,11 +473,7 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "  the ring's hole shows in 47/80, and a single video's shape cannot be classified against fixed",
         "  thresholds (square and circle fill ratios overlap); only same-seed comparisons are reliable. Shape",
         "  was not measured at 33x256x256.",
-        "* At the default 33 frames the last third of a video drifts: the object's colour and the background",
-        "  shift (the VAE was trained on 9-frame clips and the decoder fine-tuned on 17; the transformer's long",
-        "  clips saw the fewest steps). On the held-out prompts (CPU, 20 steps, guidance 5; the 2026-11-24",
-        "  model) the dominant hue is the stated colour in 8/8 videos over frames 1-11 and in 2/8 over frames",
-        "  22-32. At 17x128x128 the colours hold (8/8 above).",
+        *late_drift_limit,
         "* It knows only its training world: the shapes, colours, directions, backgrounds and photographs",
         "  above, in the caption templates above. Other words tokenize (into letters) but mean nothing.",
         "* Quality is that of a ~9 M-parameter model trained for minutes: edges are soft, shapes can",

@@ -7,8 +7,10 @@
 
 Stages (each stops itself when its budget is spent, and ends with a learning-rate cool-down):
 
-1. **VAE** - ``AutoencoderKLWan`` on 9-frame 128x128 crops of generated clips rendered alternately at 256
-   and 128 (objects at both generation scales), with fewer photo backgrounds than the transformer sees;
+1. **VAE** - ``AutoencoderKLWan`` on crops of generated clips rendered at 256 and at 128 (objects at both
+   generation scales), cycling through 9-frame 128x128 crops and 33-frame 96x96 ones (the default generation
+   length: the causal VAE's later frames drift in colour when it never saw clips that long), with fewer photo
+   backgrounds than the transformer sees;
    L1 + L2 weighted up on the objects' own pixels (the renderer's coverage mask), + image-gradient L1 + a
    small KL, through whole-clip passes that equal the pipeline's causal chunked encode/decode
    (:mod:`.vae`: the same modules, a third faster to train), so what is trained is what the pipeline runs.
@@ -16,7 +18,7 @@ Stages (each stops itself when its budget is spent, and ends with a learning-rat
    reconstruction PSNR on held-out clips at the default size, and the evaluation's colour / direction checks
    on correct answers to the held-out prompts passed through the VAE (:func:`evaluate.heldout_reference`: the
    best any transformer could score with this VAE).
-1b. **Decoder fine-tune** (``--vae-decoder-minutes``) - the decoder alone on whole frames at the
+1b. **Decoder fine-tune** (``--vae-decoder-minutes``) - the decoder alone on whole 33-frame clips at the
    generation sizes, decoding the posterior mode; the encoder, hence the latent space and a transformer
    trained on it, does not change.
 2. **Text encoder + transformer** jointly, rectified-flow velocity loss weighted up on the latent cells an
@@ -153,14 +155,17 @@ from sagevideo.recipes.tiny_wan import vae as V
 PRESETS: dict[str, dict] = {
     # the real recipe (H100): ~1.5-2k VAE steps, ~2.5-4k transformer steps in ~8 minutes
     "full": dict(
-        vae_batch=32, vae_frames=9, vae_render=256, vae_crop=128, vae_lr=8e-4, vae_warmup=100,
-        vae_renders=[256, 128], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
+        # VAE clips, cycled by step: 9-frame 128 crops (spatial extent) and 33-frame 96 crops (the default
+        # generation length: the causal encoder's later latent frames drift when trained on 9 frames only)
+        vae_buckets=[dict(render=256, crop=128, frames=9, batch=32), dict(render=128, crop=128, frames=9, batch=32),
+                     dict(render=256, crop=96, frames=33, batch=16), dict(render=128, crop=96, frames=33, batch=16)],
+        vae_lr=8e-4, vae_warmup=100, vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
         dit_buckets=[dict(frames=33, height=256, width=256, batch=64, weight=0.5),
                      dict(frames=17, height=128, width=128, batch=128, weight=0.5)],
         dit_lr=5e-4, dit_warmup=200, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
         text_slots=64, compile=True, eval_guidances=[2.0, 3.5],
-        vae_dec_buckets=[dict(frames=17, height=256, width=256, batch=8),
-                         dict(frames=17, height=128, width=128, batch=32)],
+        vae_dec_buckets=[dict(frames=33, height=256, width=256, batch=4),
+                         dict(frames=33, height=128, width=128, batch=16)],
         vae_dec_lr=3e-4, vae_dec_warmup=50, calib_vae_dec=(10, 40),
         calib_vae=(10, 40), calib_dit=(60, 110),  # the dit window starts after both buckets are compiled
         stats_clips=64, psnr_clips=32, psnr_size=(33, 256, 256), eval_batch=8,
@@ -169,8 +174,8 @@ PRESETS: dict[str, dict] = {
     ),
     # learnability check on a CPU in ~25 minutes: same models, 9x64x64 clips (48 video tokens)
     "cpu-check": dict(
-        vae_batch=4, vae_frames=9, vae_render=128, vae_crop=64, vae_lr=6e-4, vae_warmup=20,
-        vae_renders=[128, 64], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
+        vae_buckets=[dict(render=128, crop=64, frames=9, batch=4), dict(render=64, crop=64, frames=9, batch=4)],
+        vae_lr=6e-4, vae_warmup=20, vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
         dit_buckets=[dict(frames=9, height=64, width=64, batch=16, weight=1.0)],
         dit_lr=5e-4, dit_warmup=50, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
         text_slots=64, compile=False, eval_guidances=[],
@@ -184,8 +189,9 @@ PRESETS: dict[str, dict] = {
     # CPU smoke test of the whole flow in seconds (same models, tiny clips: 5x32x32 and 9x32x48; with
     # --vae-steps/--dit-steps for a fixed length). Used by tests/test_tiny_wan_recipe.py.
     "smoke": dict(
-        vae_batch=2, vae_frames=5, vae_render=48, vae_crop=32, vae_lr=6e-4, vae_warmup=2,
-        vae_renders=[48, 32], vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
+        vae_buckets=[dict(render=48, crop=32, frames=5, batch=2), dict(render=32, crop=32, frames=5, batch=2),
+                     dict(render=48, crop=32, frames=9, batch=1)],
+        vae_lr=6e-4, vae_warmup=2, vae_backgrounds=(0.5, 0.3, 0.2), vae_object_weight=8.0,
         dit_buckets=[dict(frames=5, height=32, width=32, batch=2, weight=0.5),
                      dict(frames=9, height=32, width=48, batch=2, weight=0.5)],
         dit_lr=5e-4, dit_warmup=2, latent_reuse=2, caption_dropout=0.1, dit_object_weight=4.0,
@@ -694,16 +700,15 @@ class Trainer:
     # -- stage 1: VAE ---------------------------------------------------------------------------------
     def vae_step(self, step: int) -> torch.Tensor:
         c = self.cfg
-        # renders alternate between the sizes in vae_renders (crops of a 256 render show objects at the
-        # default size's scale, whole 128 renders at the 17x128x128 scale)
-        renders = c["vae_renders"]
-        size = renders[step % len(renders)]
-        video, _, _, cover = D.make_clips(self.renderer, self.args.seed, "vae", step, c["vae_batch"],
-                                          c["vae_frames"], size, size, backgrounds=tuple(c["vae_backgrounds"]),
-                                          with_mask=True)
+        # clips cycle through vae_buckets: crops of a 256 render show objects at the default size's scale,
+        # of a 128 render at the 17x128x128 scale; the long clips cover the default generation length
+        b = c["vae_buckets"][step % len(c["vae_buckets"])]
+        size = b["render"]
+        video, _, _, cover = D.make_clips(self.renderer, self.args.seed, "vae", step, b["batch"], b["frames"],
+                                          size, size, backgrounds=tuple(c["vae_backgrounds"]), with_mask=True)
         g = D.stream_generator(self.args.seed, "vae-noise", step, self.device)
-        off = torch.randint(0, size - c["vae_crop"] + 1, (2,), generator=g, device=self.device).tolist()
-        crop = (slice(off[0], off[0] + c["vae_crop"]), slice(off[1], off[1] + c["vae_crop"]))
+        off = torch.randint(0, size - b["crop"] + 1, (2,), generator=g, device=self.device).tolist()
+        crop = (slice(off[0], off[0] + b["crop"]), slice(off[1], off[1] + b["crop"]))
         x = video[..., crop[0], crop[1]].contiguous()
         # objects cover ~3% of the pixels but are what the prompts are about: weight their pixels up
         weight = 1.0 + c["vae_object_weight"] * cover[..., crop[0], crop[1]]
@@ -723,8 +728,8 @@ class Trainer:
             return
         self.vae.requires_grad_(True)
         c = self.cfg
-        self.log(f"[vae] training: batch {c['vae_batch']} x {c['vae_frames']} frames x {c['vae_crop']}^2 crops, "
-                 f"budget {self.args.vae_minutes} min")
+        clips = ", ".join(f"{b['batch']} x {b['frames']}x{b['crop']}^2 of {b['render']}" for b in c["vae_buckets"])
+        self.log(f"[vae] training: clips (batch x frames x crop of render) {clips}, budget {self.args.vae_minutes} min")
         opt, named = self._run_stage("vae", {"vae": self.vae}, c["vae_lr"], c["vae_warmup"], 0.0,
                                      self.args.vae_minutes, self.args.vae_steps, c["calib_vae"], self.vae_step)
         if st["done"]:
