@@ -819,3 +819,26 @@ def test_vae_stages_train_on_the_default_length_and_older_cards_state_what_ran()
     card = model_card(state, None, "", None)
     assert "32 clips of 9 frames cropped to 128x128 from 256x256 renders" in card
     assert f"of {DEFAULT_FRAMES} frames cropped" not in card and "no clip as long as the default" in card
+
+
+def test_card_recipe_is_the_recorded_jobs(runs):
+    """The card's recipe is what the run did: each call's command with its folders renamed RUN1, RUN2, ..., its
+    time from the process start and the step counters at its last save - not text about some earlier run."""
+    from sagevideo.recipes.tiny_wan.assemble import model_card
+
+    state = json.loads((runs / "part2" / "state.json").read_text())
+    first, second = state["calls"]
+    assert first["steps"] == {"vae": 3, "vae_decoder": 0, "dit": 2} and second["steps"]["dit"] == 4
+    assert 0 < first["wall_seconds"] < 600 and 0 < second["wall_seconds"] < 600
+    assert first["argv"][:2] == ["--out", str(runs / "part1")]
+    card = model_card(state, None, "", None)
+    recipe = card[card.index("## Recipe"):card.index("1. VAE")]
+    commands = recipe[recipe.index("```bash"):recipe.rindex("```")].replace("\\\n   ", "")
+    assert "train --out RUN1 --preset smoke" in commands and "--stop-after-steps 5" in commands
+    assert "train --out RUN2 --resume RUN1 --preset smoke" in commands and str(runs) not in recipe
+    assert "--from RUN2 --to assets/tiny-wan" in commands
+    assert "text encoder + transformer 2." in recipe and "text encoder + transformer 4." in recipe
+    assert "27 minutes" not in recipe  # the older run's text
+    # a call evaluated on held-out prompts has its result listed
+    state["calls"][-1]["eval"] = {"5x32x32": {"colour_ok": "1/2", "direction_ok": "2/2"}}
+    assert "5x32x32 1/2 / 2/2" in model_card(state, None, "", None)

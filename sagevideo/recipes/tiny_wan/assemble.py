@@ -182,6 +182,77 @@ def _curve_summary(tsv: str) -> list[str]:
     return lines
 
 
+
+def _recipe_lines(state: dict | None) -> list[str]:
+    """The card's recipe: the jobs the run's ``state.json`` recorded (their commands, time and step counts, and
+    the held-out evaluation each ran), or for a run recorded before calls carried those, the text written for
+    the 2026-11-24 three-job run."""
+    calls = (state or {}).get("calls", [])
+    if not calls or not all("wall_seconds" in c and "steps" in c for c in calls):
+        return [
+            "Three GPU jobs of under ten minutes each, about 27 minutes of one H100 in all with start-up (the script",
+            "resumes from its own checkpoints; each `RUNn` may be copied without its two `optim_*` files, the stage in",
+            "progress then re-warms its learning rate):",
+            "",
+            "```bash",
+            "python -m sagevideo.recipes.tiny_wan.train --out RUN1 --seed 0 --device cuda --vae-minutes 3.2 \\",
+            "    --vae-decoder-minutes 1.1 --dit-minutes 9 --latent-reuse 16 --total-minutes 9.25 --no-eval",
+            "python -m sagevideo.recipes.tiny_wan.train --resume RUN1 --out RUN2 --seed 0 --device cuda \\",
+            "    --more-dit-minutes 9 --latent-reuse 32 --dit-shift 3 --total-minutes 9.1",
+            "python -m sagevideo.recipes.tiny_wan.train --resume RUN2 --out RUN3 --seed 0 --device cuda \\",
+            "    --more-dit-minutes 9 --latent-reuse 16 --total-minutes 9.1",
+            "python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan",
+            "```",
+            "",
+            "The first job trains the VAE, fine-tunes its decoder alone on whole frames, then trains the text",
+            "encoder + transformer to a complete model; the second and third train those further (learning-rate",
+            "re-warmup, then a new cool-down), with the training noise levels shifted up to the sampler's shift 3",
+            "from the second job on. Colour words are followed early; direction words come last: after the second",
+            "job (8,529 transformer steps) the object moved the stated way for 6/8 held-out prompts at 17x128x128",
+            "and 4/8 at 33x256x256, after the third (14,302 steps) for 8/8 and 7/8 (the evaluation below).",
+            "",
+        ]
+    n = len(calls)
+    gpus = sorted({c.get("environment", {}).get("gpu", "?") for c in calls})
+    minutes = sum(c["wall_seconds"] for c in calls) / 60
+    lines = [
+        f"{n} job{'s' if n > 1 else ''} of one {', '.join(gpus)}, {minutes:.1f} minutes in all from each process's "
+        "start to its last save (package installs and machine start-up not counted; the script resumes from its "
+        "own checkpoints, and each `RUNn` may be copied without its two `optim_*` files, the stage in progress then "
+        "re-warms its learning rate):",
+        "",
+        "```bash",
+    ]
+    for i, c in enumerate(calls):
+        argv, words = list(c["argv"]), []
+        while argv:
+            a = argv.pop(0)
+            if a in ("--out", "--resume") and argv:
+                argv.pop(0)
+                words.append(f"{a} RUN{i + 1 if a == '--out' else i}")
+            else:
+                words.append(a)
+        cmd, width = "python -m sagevideo.recipes.tiny_wan.train", 100
+        for w in words:
+            if len(cmd.rsplit("\n", 1)[-1]) + len(w) + 1 > width:
+                cmd += " \\\n   "
+            cmd += " " + w
+        lines += cmd.split("\n")
+    lines += [f"python -m sagevideo.recipes.tiny_wan.assemble --from RUN{n} --to assets/tiny-wan", "```", ""]
+    total = 0.0
+    for i, c in enumerate(calls):
+        total += c["wall_seconds"] / 60
+        st = c["steps"]
+        done = (f"job {i + 1} ({c['wall_seconds'] / 60:.1f} min, {total:.1f} in all): VAE {st['vae']} steps, decoder "
+                f"fine-tune {st['vae_decoder']}, text encoder + transformer {st['dit']}")
+        ev = c.get("eval")
+        if ev:
+            done += "; held-out prompts, colour / direction: " + ", ".join(
+                f"{k.replace('@guidance', ' at guidance ')} {r['colour_ok']} / {r['direction_ok']}"
+                for k, r in ev.items())
+        lines.append(f"* {done}.")
+    return lines + [""]
+
 def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: dict | None,
                params: dict | None = None, vocab: int | None = None) -> str:
     pend = "*(pending: filled in by `assemble` after training)*"
@@ -287,27 +358,7 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
         "",
         "## Recipe",
         "",
-        "Three GPU jobs of under ten minutes each, about 27 minutes of one H100 in all with start-up (the script",
-        "resumes from its own checkpoints; each `RUNn` may be copied without its two `optim_*` files, the stage in",
-        "progress then re-warms its learning rate):",
-        "",
-        "```bash",
-        "python -m sagevideo.recipes.tiny_wan.train --out RUN1 --seed 0 --device cuda --vae-minutes 3.2 \\",
-        "    --vae-decoder-minutes 1.1 --dit-minutes 9 --latent-reuse 16 --total-minutes 9.25 --no-eval",
-        "python -m sagevideo.recipes.tiny_wan.train --resume RUN1 --out RUN2 --seed 0 --device cuda \\",
-        "    --more-dit-minutes 9 --latent-reuse 32 --dit-shift 3 --total-minutes 9.1",
-        "python -m sagevideo.recipes.tiny_wan.train --resume RUN2 --out RUN3 --seed 0 --device cuda \\",
-        "    --more-dit-minutes 9 --latent-reuse 16 --total-minutes 9.1",
-        "python -m sagevideo.recipes.tiny_wan.assemble --from RUN3 --to assets/tiny-wan",
-        "```",
-        "",
-        "The first job trains the VAE, fine-tunes its decoder alone on whole frames, then trains the text",
-        "encoder + transformer to a complete model; the second and third train those further (learning-rate",
-        "re-warmup, then a new cool-down), with the training noise levels shifted up to the sampler's shift 3",
-        "from the second job on. Colour words are followed early; direction words come last: after the second",
-        "job (8,529 transformer steps) the object moved the stated way for 6/8 held-out prompts at 17x128x128",
-        "and 4/8 at 33x256x256, after the third (14,302 steps) for 8/8 and 7/8 (the evaluation below).",
-        "",
+        *_recipe_lines(state),
         f"1. VAE: AdamW (lr {_sci(full['vae_lr'])}, warmup {full['vae_warmup']}, linear cool-down over the last 20%), "
         "batches cycling through",
         "   " + ", ".join(f"{b['batch']} clips of {b['frames']} frames cropped to {b['crop']}x{b['crop']} from "

@@ -65,8 +65,9 @@ job, or files are dropped — the first H100 run, 2026-11-23, lost both weight f
 * ``vae_text_encoder.safetensors`` VAE (``vae.``) and text encoder (``text_encoder.``) weights, fp16 (8.0 MB)
 * ``optim_m.safetensors``, ``optim_v.safetensors``  AdamW moments of the stage in progress, bf16 (12.6 MB each)
 * ``tokenizer.json``               the trained tokenizer
-* ``state.json``                   progress, step counts, schedules, metrics, the argv and environment of
-  every call
+* ``state.json``                   progress, step counts, schedules, metrics; for every call its argv,
+  environment, time from the process start, step counters and held-out evaluation (the model card's recipe
+  is written from these)
 * ``train_log.txt``                the progress log; ``loss_curve.tsv`` the loss curve
 
 Resume with ``--resume DIR`` (a previous ``--out``; may equal ``--out``): weights, moments, step counters
@@ -493,7 +494,9 @@ class Trainer:
                 "optim_stage": None, "calls": [],
             }
         self.state.setdefault("vae_decoder", {"step": 0, "total_steps": None, "done": False, "seconds": 0.0})
-        self.state["calls"].append({"argv": sys.argv[1:], "environment": environment(self.device),
+        self.process_start = process_start_time()
+        self.state["calls"].append({"argv": args.argv,
+                                    "environment": environment(self.device),
                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.curve_rows: list[str] = []
         self.steps_left = args.stop_after_steps  # optimizer steps this call may still take (None: no cap)
@@ -577,6 +580,10 @@ class Trainer:
         save_tensors(self.out / "optim_v.safetensors", v, {"stage": self.state.get("optim_stage")})
         self.state["saved"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.state["wall_seconds_this_call"] = round(time.time() - self.t_start, 1)
+        # what this call did, for the model card's recipe: its time from the process start and the step counters
+        self.state["calls"][-1].update(
+            wall_seconds=round(time.time() - self.process_start, 1),
+            steps={k: int(self.state[k]["step"]) for k in ("vae", "vae_decoder", "dit")})
         tmp = self.out / ".state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self.out / "state.json")
@@ -1046,6 +1053,8 @@ class Trainer:
                          f"direction {r['direction_ok']}, mean hue error {r['mean_hue_error']:.1f} deg, object "
                          f"fraction {r['mean_object_fraction']:.4f}")
         self.state["eval"] = results
+        self.state["calls"][-1]["eval"] = {k: {"colour_ok": r["colour_ok"], "direction_ok": r["direction_ok"]}
+                                           for k, r in results.items()}
         self.log(f"[eval] done ({time.time() - t:.1f}s)")
         self.save()
 
@@ -1122,12 +1131,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.dit_shift is not None and not args.dit_shift > 0:
         p.error(f"--dit-shift must be positive, got {args.dit_shift}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded in state.json (the card's recipe)
     return args
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    Trainer(args).run()
+    Trainer(parse_args(argv)).run()
 
 
 if __name__ == "__main__":
