@@ -38,7 +38,8 @@ ASSET = Path(os.environ.get("SAGEVIDEO_TINY_WAN_PATH", Path(__file__).resolve().
 pytestmark = pytest.mark.skipif(
     not (ASSET / "model_index.json").exists(),
     reason=f"{ASSET} holds no trained pipeline yet: train it on a GPU with "
-    "`python -m sagevideo.recipes.tiny_wan.train` (the two jobs in that module's docstring), then `python -m sagevideo.recipes.tiny_wan.assemble --from OUT "
+    "`python -m sagevideo.recipes.tiny_wan.train` (the jobs in that module's docstring), then "
+    "`python -m sagevideo.recipes.tiny_wan.assemble --from OUT "
     "--to assets/tiny-wan`",
 )
 
