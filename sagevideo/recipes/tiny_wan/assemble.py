@@ -182,7 +182,6 @@ def _curve_summary(tsv: str) -> list[str]:
     return lines
 
 
-
 def _recipe_lines(state: dict | None) -> list[str]:
     """The card's recipe: the jobs the run's ``state.json`` recorded (their commands, time and step counts, and
     the held-out evaluation each ran), or for a run recorded before calls carried those, the text written for
@@ -252,6 +251,7 @@ def _recipe_lines(state: dict | None) -> list[str]:
                 for k, r in ev.items())
         lines.append(f"* {done}.")
     return lines + [""]
+
 
 def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: dict | None,
                params: dict | None = None, vocab: int | None = None) -> str:
