@@ -272,7 +272,8 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
                        for r in full["vae_renders"]]
     else:
         vae_buckets = full["vae_buckets"]
-    late_drift_limit = [] if max(b["frames"] for b in vae_buckets) >= 33 else [
+    covers_default_length = max(b["frames"] for b in vae_buckets) >= DEFAULT_FRAMES
+    late_drift_limit = [] if covers_default_length else [
         "* At the default 33 frames the last third of a video drifts: the object's colour and the background",
         "  shift. The VAE alone does it: the held-out prompts' correct answers, encoded and decoded at 33x128x128,",
         "  keep their hue over frames 0-16 (8/8) but not over frames 21-32 (1/8), and its encoder and its",
@@ -365,7 +366,7 @@ def model_card(state: dict | None, sizes: dict | None, curve_tsv: str, timing: d
                           f"{b['render']}x{b['render']} renders" for b in vae_buckets) + ";",
         "   renders at both generation sizes show objects at both scales"
         + (", and the long clips cover the default generation length (a causal VAE trained on 9-frame clips only"
-           " drifts in colour after about 17 frames)." if max(b["frames"] for b in vae_buckets) >= 33 else
+           " drifts in colour after about 17 frames)." if covers_default_length else
            " (no clip as long as the default generation length: see Known limits).") + " Backgrounds",
         f"   {full['vae_backgrounds'][0]:.0%} solid / {full['vae_backgrounds'][1]:.0%} gradient / "
         f"{full['vae_backgrounds'][2]:.0%} photo, bf16 autocast; loss L1 + L2 weighted by",

@@ -473,7 +473,8 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.resume = Path(args.resume) if args.resume else None
         self.log = Logger(self.out / "train_log.txt", self.resume / "train_log.txt" if self.resume else None)
-        self.deadline_total = (process_start_time() + args.total_minutes * 60.0) if args.total_minutes else None
+        self.process_start = process_start_time()
+        self.deadline_total = (self.process_start + args.total_minutes * 60.0) if args.total_minutes else None
 
         # state
         if self.resume is not None:
@@ -494,7 +495,6 @@ class Trainer:
                 "optim_stage": None, "calls": [],
             }
         self.state.setdefault("vae_decoder", {"step": 0, "total_steps": None, "done": False, "seconds": 0.0})
-        self.process_start = process_start_time()
         self.state["calls"].append({"argv": args.argv,
                                     "environment": environment(self.device),
                                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
